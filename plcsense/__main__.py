@@ -1,0 +1,5 @@
+import sys
+
+from plcsense.cli import main
+
+sys.exit(main())

@@ -1,0 +1,194 @@
+"""The ``plcsense`` command: train, evaluate, serve, simulate, demo.
+
+Heavy imports (TensorFlow, scikit-learn) happen inside the subcommands that need them, so ``serve`` and
+``simulate`` start fast on an edge gateway that has neither installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.kind == "images":
+        from plcsense.training.images import ImageTrainConfig, train_images
+
+        cfg = ImageTrainConfig(
+            image_size=args.image_size,
+            color_mode=args.color_mode,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            val_split=args.val_split,
+            test_split=args.test_split,
+            name=args.name,
+            version=args.model_version,
+        )
+        bundle = train_images(Path(args.data[0]), Path(args.out), cfg)
+    else:
+        from plcsense.training.sensors import SensorTrainConfig, train_sensor_anomaly
+
+        cfg = SensorTrainConfig(
+            window=args.window,
+            columns=args.columns.split(",") if args.columns else None,
+            label_column=args.label_column,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            name=args.name,
+            version=args.model_version,
+        )
+        bundle = train_sensor_anomaly([Path(p) for p in args.data], Path(args.out), cfg)
+    m = bundle.manifest
+    print(
+        f"bundle {bundle.path}: {m.name} v{m.version} ({m.task}); "
+        + ", ".join(f"{k} {v:.4g}" for k, v in m.metrics.items())
+    )
+    if m.threshold is not None:
+        print(f"anomaly threshold {m.threshold:.6g}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from plcsense.models.bundle import load_bundle
+    from plcsense.training.evaluate import evaluate, format_table
+
+    bundle = load_bundle(args.bundle)
+    rows = {data: evaluate(bundle, Path(data), label_column=args.label_column) for data in args.data}
+    if args.json:
+        print(json.dumps(next(iter(rows.values())) if len(rows) == 1 else rows))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from plcsense.worker.main import serve
+
+    return serve(Path(args.config) if args.config else None)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from plcsense.simulate import simulate
+
+    sent = simulate(
+        Path(args.source),
+        url=args.url,
+        topic=args.topic,
+        rate=args.rate,
+        protocol=args.protocol,
+        columns=args.columns.split(",") if args.columns else None,
+        limit=args.limit,
+        loop=args.loop,
+        encoding=args.encoding,
+        qos=args.qos,
+    )
+    print(f"simulate: published {sent} messages to {args.topic}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from plcsense.demo import run_demo
+
+    return run_demo()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plcsense", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model and export a bundle")
+    train.add_argument("kind", choices=["images", "sensors"])
+    train.add_argument("data", nargs="+", help="images: a folder of class folders; sensors: CSV file(s)")
+    train.add_argument("--out", required=True, help="bundle directory to write")
+    train.add_argument(
+        "--task",
+        choices=["anomaly", "classification"],
+        default=None,
+        help="sensors: anomaly (default); images: classification",
+    )
+    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument("--batch-size", type=int, default=None)
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--name", help="model name in the manifest (default: from the data)")
+    train.add_argument("--model-version", default="1")
+    images = train.add_argument_group("images")
+    images.add_argument("--image-size", type=int, default=128)
+    images.add_argument("--color-mode", choices=["auto", "grayscale", "rgb"], default="auto")
+    images.add_argument("--val-split", type=float, default=0.15)
+    images.add_argument("--test-split", type=float, default=0.15)
+    sensors = train.add_argument_group("sensors")
+    sensors.add_argument("--window", type=int, default=30, help="readings per window")
+    sensors.add_argument("--columns", help="comma-separated channel columns (default: every numeric column)")
+    sensors.add_argument(
+        "--label-column",
+        default="anomaly",
+        help="0/1 column marking anomalies; labelled rows are left out of training",
+    )
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("evaluate", help="score a bundle's LiteRT model on labelled data")
+    ev.add_argument("bundle")
+    ev.add_argument(
+        "data", nargs="+", help="image folder(s) of class folders, or sensor CSV file(s)/folder(s)"
+    )
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev.add_argument("--label-column", default="anomaly")
+    ev.set_defaults(func=_evaluate)
+
+    serve = sub.add_parser("serve", help="run the MQTT worker")
+    serve.add_argument("--config", help="YAML settings file (environment PLCSENSE_... overrides it)")
+    serve.set_defaults(func=_serve)
+
+    sim = sub.add_parser("simulate", help="publish a folder of images or the rows of a CSV like a PLC")
+    sim.add_argument("source", help="an image folder (searched recursively) or a CSV file")
+    sim.add_argument("--url", default="mqtt://127.0.0.1:1883")
+    sim.add_argument("--topic", required=True)
+    sim.add_argument("--rate", type=float, default=10.0, help="messages per second; 0 = as fast as possible")
+    sim.add_argument("--protocol", choices=["5", "3.1.1"], default="5")
+    sim.add_argument("--columns", help="CSV columns to send (default: every numeric column)")
+    sim.add_argument("--encoding", choices=["json", "npy"], default="json", help="CSV rows as JSON or .npy")
+    sim.add_argument("--limit", type=int, default=None, help="stop after this many messages")
+    sim.add_argument("--loop", action="store_true", help="start over at the end")
+    sim.add_argument("--qos", type=int, choices=[0, 1, 2], default=1)
+    sim.set_defaults(func=_simulate)
+
+    demo = sub.add_parser("demo", help="train, serve and replay real data on this machine")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ chatter buries the useful lines
+    if args.command == "train":
+        defaults = {"images": (30, 32), "sensors": (60, 64)}[args.kind]
+        args.epochs = args.epochs or defaults[0]
+        args.batch_size = args.batch_size or defaults[1]
+        if args.kind == "sensors" and args.task == "classification":
+            print("plcsense: sensor classification is not available yet; use --task anomaly", file=sys.stderr)
+            return 2
+    from plcsense.models.bundle import BundleError
+    from plcsense.training.data import DataError
+
+    try:
+        return args.func(args)
+    except (BundleError, DataError, FileExistsError, FileNotFoundError) as exc:
+        print(f"plcsense: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

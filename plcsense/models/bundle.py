@@ -1,0 +1,227 @@
+"""The model bundle: the contract between training and the worker.
+
+A bundle is a directory holding ``manifest.json`` (the schema below), ``model.tflite`` (what the worker runs),
+``golden.npz`` (a few inputs with the outputs they produced at export, replayed as a self-test on load) and
+optionally ``model.keras`` and a ``report/`` folder. Loading refuses anything that does not add up, with one line
+that names the problem, so a half-copied or stale bundle never serves wrong answers on the line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from plcsense.models.runtime import LiteRTModel
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.tflite"
+GOLDEN_FILE = "golden.npz"
+
+
+class BundleError(Exception):
+    """A bundle that cannot be served; the message is one line naming the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ImageSpec(_Strict):
+    """How raw image bytes become the model input (the worker and training share this code path)."""
+
+    kind: Literal["image"] = "image"
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    channels: Literal[1, 3]
+    color_mode: Literal["grayscale", "rgb"]
+    resize: Literal["stretch", "exact"] = "stretch"
+    """``stretch``: resize any image to height x width (bilinear); ``exact``: reject other sizes."""
+    scale: Literal["0-255"] = "0-255"
+    """Pixel values are fed as float32 0..255; rescaling lives inside the model graph."""
+
+    @model_validator(mode="after")
+    def _channels_match_mode(self) -> ImageSpec:
+        if (self.channels == 1) != (self.color_mode == "grayscale"):
+            raise ValueError("channels must be 1 for grayscale and 3 for rgb")
+        return self
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.height, self.width, self.channels)
+
+
+class SensorSpec(_Strict):
+    """A window of multichannel readings; normalisation is inside the model graph, recorded here for humans."""
+
+    kind: Literal["sensor"] = "sensor"
+    channels: list[str] = Field(min_length=1)
+    window: int = Field(gt=0)
+    mean: list[float]
+    std: list[float]
+
+    @model_validator(mode="after")
+    def _stats_per_channel(self) -> SensorSpec:
+        if not len(self.mean) == len(self.std) == len(self.channels):
+            raise ValueError("mean and std need one value per channel")
+        return self
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.window, len(self.channels))
+
+
+InputSpec = Annotated[ImageSpec | SensorSpec, Field(discriminator="kind")]
+
+
+class Manifest(_Strict):
+    schema_version: int
+    name: str
+    version: str
+    created_at: datetime
+    task: Literal["classification", "anomaly"]
+    input: InputSpec
+    labels: list[str] | None = None
+    threshold: float | None = None
+    """Anomaly score above which a window is reported as an anomaly."""
+    score: Literal["mean_squared_error"] | None = None
+    """How the anomaly score is derived from the model output (per-channel errors)."""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    files: dict[str, str] = Field(default_factory=dict)
+    """sha256 of every file in the bundle except the manifest itself."""
+    golden_atol: float = 1e-4
+
+    @model_validator(mode="after")
+    def _task_fields(self) -> Manifest:
+        if self.task == "classification" and not self.labels:
+            raise ValueError("a classification bundle needs labels")
+        if self.task == "anomaly" and self.threshold is None:
+            raise ValueError("an anomaly bundle needs a threshold")
+        return self
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    """Record checksums of every file now in the bundle and write ``manifest.json``."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest.files = {p.relative_to(directory).as_posix(): sha256_file(p) for p in files}
+    (directory / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+
+
+def new_manifest(**fields: object) -> Manifest:
+    return Manifest(schema_version=SCHEMA_VERSION, created_at=datetime.now(UTC), **fields)
+
+
+class Bundle:
+    """A verified bundle: manifest plus a LiteRT model ready to run."""
+
+    def __init__(self, path: Path, manifest: Manifest, model: LiteRTModel) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.model = model
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.manifest.input.shape
+
+    @property
+    def label(self) -> str:
+        return f"{self.manifest.name}:{self.manifest.version}"
+
+
+def read_manifest(path: Path) -> Manifest:
+    file = path / MANIFEST
+    if not path.is_dir():
+        raise BundleError(f"bundle {path}: not a directory")
+    if not file.is_file():
+        raise BundleError(f"bundle {path}: missing {MANIFEST}")
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"bundle {path}: {MANIFEST} is not valid JSON ({exc})") from None
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"bundle {path}: unknown schema_version {version!r} (this plcsense reads {SCHEMA_VERSION}); "
+            "re-export the bundle or upgrade plcsense"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "manifest"
+        raise BundleError(f"bundle {path}: invalid {MANIFEST}: {where}: {first['msg']}") from None
+
+
+def _verify_files(path: Path, manifest: Manifest) -> None:
+    for required in (MODEL_FILE, GOLDEN_FILE):
+        if required not in manifest.files:
+            raise BundleError(f"bundle {path}: manifest lists no checksum for {required}")
+    for name, expected in manifest.files.items():
+        file = path / name
+        if not file.is_file():
+            raise BundleError(f"bundle {path}: missing file {name}")
+        if sha256_file(file) != expected:
+            raise BundleError(f"bundle {path}: checksum mismatch for {name} (file changed after export)")
+
+
+def _verify_spec(path: Path, manifest: Manifest, model: LiteRTModel) -> None:
+    expected = manifest.input.shape
+    if model.input_shape != expected:
+        raise BundleError(
+            f"bundle {path}: manifest input shape {list(expected)} does not match model input "
+            f"{list(model.input_shape)}"
+        )
+    out = model.output_shape
+    if manifest.task == "classification":
+        assert manifest.labels is not None
+        if out != (len(manifest.labels),):
+            raise BundleError(
+                f"bundle {path}: {len(manifest.labels)} labels but the model outputs shape {list(out)}"
+            )
+    elif out != (len(manifest.input.channels),):  # type: ignore[union-attr]
+        raise BundleError(
+            f"bundle {path}: anomaly model should output one error per channel, got {list(out)}"
+        )
+
+
+def _verify_golden(path: Path, manifest: Manifest, model: LiteRTModel) -> None:
+    try:
+        with np.load(path / GOLDEN_FILE, allow_pickle=False) as golden:
+            inputs, outputs = golden["inputs"], golden["outputs"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise BundleError(f"bundle {path}: unreadable {GOLDEN_FILE} ({exc})") from None
+    got = model.predict(inputs.astype(np.float32))
+    if got.shape != outputs.shape or not np.allclose(got, outputs, atol=manifest.golden_atol, rtol=1e-3):
+        worst = float(np.max(np.abs(got - outputs))) if got.shape == outputs.shape else float("nan")
+        raise BundleError(
+            f"bundle {path}: golden samples no longer reproduce (max difference {worst:.3g}); "
+            "the model file or the runtime changed since export"
+        )
+
+
+def load_bundle(path: str | Path, *, num_threads: int | None = None) -> Bundle:
+    """Load and verify a bundle; raise :class:`BundleError` with one clear line when it is unusable."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    _verify_files(path, manifest)
+    try:
+        model = LiteRTModel(path / MODEL_FILE, num_threads=num_threads)
+    except (ValueError, RuntimeError) as exc:
+        raise BundleError(f"bundle {path}: {MODEL_FILE} cannot be loaded by LiteRT ({exc})") from None
+    _verify_spec(path, manifest, model)
+    _verify_golden(path, manifest, model)
+    return Bundle(path, manifest, model)

@@ -1,0 +1,53 @@
+"""LiteRT inference: the one runtime the worker, ``evaluate`` and ``predict`` share.
+
+Only ``ai_edge_litert`` is imported here, never TensorFlow, so the serving install stays small.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+
+def _bucket(n: int) -> int:
+    """Round a batch size up to a power of two so the interpreter is resized rarely, not per batch."""
+    return 1 << (n - 1).bit_length()
+
+
+class LiteRTModel:
+    """A single-input, single-output LiteRT model that runs batches of any size."""
+
+    def __init__(self, path: Path, *, num_threads: int | None = None) -> None:
+        self._interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+        self._lock = threading.Lock()
+        inputs = self._interpreter.get_input_details()
+        outputs = self._interpreter.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ValueError(f"expected one input and one output, got {len(inputs)} and {len(outputs)}")
+        self._input, self._output = inputs[0], outputs[0]
+        self.input_shape = tuple(int(d) for d in self._input["shape"][1:])
+        self.output_shape = tuple(int(d) for d in self._output["shape"][1:])
+        self.input_dtype = self._input["dtype"]
+        self._batch = 0
+
+    def _resize(self, batch: int) -> None:
+        self._interpreter.resize_tensor_input(self._input["index"], [batch, *self.input_shape])
+        self._interpreter.allocate_tensors()
+        self._batch = batch
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Run ``batch`` (n, *input_shape) float32 and return (n, *output_shape)."""
+        n = batch.shape[0]
+        size = _bucket(n)
+        if size != n:
+            batch = np.concatenate([batch, np.zeros((size - n, *batch.shape[1:]), batch.dtype)])
+        with self._lock:
+            if size != self._batch:
+                self._resize(size)
+            self._interpreter.set_tensor(self._input["index"], batch.astype(self.input_dtype, copy=False))
+            self._interpreter.invoke()
+            out = self._interpreter.get_tensor(self._output["index"])
+        return np.array(out[:n])

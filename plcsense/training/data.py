@@ -1,0 +1,155 @@
+"""Loading users' data: image folders (one folder per class) and multichannel sensor CSV files."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from plcsense.models.bundle import ImageSpec
+from plcsense.models.inputs import InputError, load_image_file
+
+log = logging.getLogger("plcsense.training")
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+class DataError(ValueError):
+    """Training or evaluation data that cannot be used; the message says what to fix."""
+
+
+@dataclass
+class ImageSet:
+    images: np.ndarray  # (n, H, W, C) float32, 0..255
+    labels: np.ndarray  # (n,) int
+    classes: list[str]
+    skipped: list[str]
+
+
+def class_folders(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise DataError(f"{root} is not a directory (expected one sub-folder per class)")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(f"{root} has no class sub-folders; put each class's images in {root}/<class>/")
+    return folders
+
+
+def load_image_folder(root: Path, spec: ImageSpec, classes: list[str] | None = None) -> ImageSet:
+    """Load ``root/<class>/*.png|jpg...`` into arrays; corrupt files are skipped and listed."""
+    folders = class_folders(root)
+    names = classes or [f.name for f in folders]
+    index = {name: i for i, name in enumerate(names)}
+    images, labels, skipped = [], [], []
+    for folder in folders:
+        if folder.name not in index:
+            raise DataError(
+                f"{folder}: class {folder.name!r} is not one the model knows ({', '.join(names)})"
+            )
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        for file in files:
+            try:
+                images.append(load_image_file(str(file), spec))
+            except (InputError, OSError) as exc:
+                skipped.append(f"{file}: {exc}")
+                continue
+            labels.append(index[folder.name])
+    if skipped:
+        log.warning("skipped %d unreadable images:\n  %s", len(skipped), "\n  ".join(skipped))
+    if not images:
+        raise DataError(f"no readable images under {root}")
+    return ImageSet(np.stack(images), np.asarray(labels), names, skipped)
+
+
+@dataclass
+class SensorTable:
+    columns: list[str]
+    values: np.ndarray  # (rows, channels) float64
+    labels: np.ndarray | None  # (rows,) int, when a label column was named and present
+
+
+def sniff_delimiter(sample: str) -> str:
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=";,\t").delimiter
+    except csv.Error:
+        counts = {d: sample.count(d) for d in ";,\t"}
+        return max(counts, key=counts.__getitem__)
+
+
+def _to_float(text: str) -> float:
+    try:
+        return float(text) if text.strip() else math.nan
+    except ValueError:
+        return float(text.replace(",", "."))  # decimal comma, common in European PLC exports
+
+
+def read_sensor_csv(
+    path: Path,
+    *,
+    columns: list[str] | None = None,
+    label_column: str | None = None,
+    ignore: tuple[str, ...] = (),
+) -> SensorTable:
+    """Read a CSV with a header row; keep numeric columns (or ``columns``), drop timestamps and text."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    delimiter = sniff_delimiter(text[:8192])
+    rows = list(csv.reader(text.splitlines(), delimiter=delimiter))
+    if len(rows) < 2:
+        raise DataError(f"{path}: needs a header row and at least one data row")
+    header = [h.strip() for h in rows[0]]
+    body = [r for r in rows[1:] if any(cell.strip() for cell in r)]
+    if any(len(r) != len(header) for r in body):
+        bad = next(i for i, r in enumerate(body, 2) if len(r) != len(header))
+        raise DataError(f"{path}: line {bad} has a different number of fields than the header")
+
+    def column(name: str) -> np.ndarray | None:
+        i = header.index(name)
+        try:
+            return np.array([_to_float(r[i]) for r in body])
+        except ValueError:
+            return None
+
+    if columns:
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise DataError(f"{path}: no column(s) {missing}; the header has {header}")
+        chosen = columns
+    else:
+        skip = {label_column, *ignore}
+        chosen = [h for h in header if h not in skip and column(h) is not None]
+        if not chosen:
+            raise DataError(f"{path}: no numeric columns found (delimiter {delimiter!r})")
+    data = []
+    for name in chosen:
+        values = column(name)
+        if values is None:
+            raise DataError(f"{path}: column {name!r} is not numeric")
+        data.append(values)
+    values = np.stack(data, axis=1)
+    if not np.all(np.isfinite(values)):
+        row = int(np.argwhere(~np.isfinite(values))[0][0]) + 2
+        raise DataError(f"{path}: empty or non-finite value at line {row}; clean or interpolate it first")
+    labels = None
+    if label_column and label_column in header:
+        raw = column(label_column)
+        if raw is None or not np.all(np.isfinite(raw)):
+            raise DataError(f"{path}: label column {label_column!r} must hold 0/1 numbers")
+        labels = (raw > 0).astype(int)
+    return SensorTable(chosen, values, labels)
+
+
+def sliding_windows(values: np.ndarray, window: int, stride: int = 1) -> np.ndarray:
+    """(rows, C) -> (n, window, C), one window ending at each row from ``window - 1`` on."""
+    if len(values) < window:
+        raise DataError(f"only {len(values)} rows, fewer than the window of {window}")
+    view = np.lib.stride_tricks.sliding_window_view(values, window, axis=0)  # (n, C, window)
+    return np.ascontiguousarray(view[::stride].transpose(0, 2, 1))

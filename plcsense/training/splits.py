@@ -1,0 +1,28 @@
+"""Deterministic, seeded train/validation/test splits."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+
+def split_indices(
+    labels: np.ndarray, val: float, test: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stratified when every class has enough samples, plain shuffled otherwise."""
+    index = np.arange(len(labels))
+
+    def split(idx: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+        if fraction <= 0:
+            return idx, idx[:0]
+        counts = np.bincount(labels[idx])
+        stratify = labels[idx] if counts[counts > 0].min() >= 2 else None
+        try:
+            a, b = train_test_split(idx, test_size=fraction, random_state=seed, stratify=stratify)
+        except ValueError:  # too few samples per class for a stratified split of this size
+            a, b = train_test_split(idx, test_size=fraction, random_state=seed)
+        return np.sort(a), np.sort(b)
+
+    rest, test_idx = split(index, test)
+    train_idx, val_idx = split(rest, val / (1 - test) if test < 1 else 0)
+    return train_idx, val_idx, test_idx

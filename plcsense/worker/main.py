@@ -1,0 +1,63 @@
+"""``plcsense serve``: settings, signals and the worker's life from start to a clean exit."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from plcsense.worker.service import Worker
+from plcsense.worker.settings import Settings, load_settings
+
+log = logging.getLogger("plcsense.worker")
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "settings"
+        lines.append(f"  {where}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def read_settings(config: Path | None) -> Settings | None:
+    """Settings, or None after printing what is wrong and how to set it."""
+    try:
+        return load_settings(config)
+    except FileNotFoundError as exc:
+        print(f"plcsense serve: {exc}", file=sys.stderr)
+    except ValidationError as exc:
+        print(
+            f"plcsense serve: invalid settings in {config or 'the environment'}:\n{_explain(exc)}\n"
+            "Fix the YAML file or the PLCSENSE_... environment variable (nested keys use __, "
+            "e.g. PLCSENSE_MQTT__URL).",
+            file=sys.stderr,
+        )
+    except Exception as exc:  # YAML syntax errors and the like
+        print(f"plcsense serve: cannot read settings from {config}: {exc}", file=sys.stderr)
+    return None
+
+
+def serve(config: Path | None) -> int:
+    settings = read_settings(config)
+    if settings is None:
+        return 2
+    logging.getLogger().setLevel(settings.log_level)
+    worker = Worker(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        worker.start()
+    except OSError as exc:  # e.g. the metrics port is taken
+        print(f"plcsense serve: cannot start: {exc}", file=sys.stderr)
+        return 2
+    stop.wait()
+    log.info("stopping: answering in-flight messages")
+    drained = worker.stop()
+    log.info("stopped%s", "" if drained else " (some messages left for redelivery)")
+    return 0

@@ -1,0 +1,99 @@
+"""Prometheus metrics and the small HTTP server for /metrics, /healthz and /readyz."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """The worker's metrics, on a registry of its own so several workers can share a process in tests."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.messages = Counter("plcsense_messages", "Messages received, good or bad", ["route"], registry=r)
+        self.results = Counter("plcsense_results", "Results published", ["route"], registry=r)
+        self.errors = Counter(
+            "plcsense_errors", "Inputs answered with an error", ["route", "reason"], registry=r
+        )
+        self.anomalies = Counter("plcsense_anomalies", "Results flagged as anomalies", ["route"], registry=r)
+        self.inference = Histogram(
+            "plcsense_inference_seconds",
+            "LiteRT invoke time per batch",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "plcsense_message_latency_seconds",
+            "Receipt to result publish, per message",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "plcsense_batch_size", "Inputs per LiteRT invoke", ["model"], buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.inflight = Gauge(
+            "plcsense_inflight_messages", "Messages received but not yet answered", registry=r
+        )
+        self.connected = Gauge("plcsense_mqtt_connected", "1 while connected to the broker", registry=r)
+        self.model_info = Gauge(
+            "plcsense_model_info", "Loaded model bundles", ["route", "model", "version"], registry=r
+        )
+        self.windows = Gauge(
+            "plcsense_tracked_windows", "Devices with a sliding window in memory", registry=r
+        )
+
+    def expose(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def serve_http(
+    host: str, port: int, metrics: Metrics, ready: Callable[[], tuple[bool, str]]
+) -> ThreadingHTTPServer:
+    """Start the HTTP server on a daemon thread; ``ready`` returns (ready, reason)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._reply(200, metrics.expose(), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                self._reply(200, b"ok\n")
+            elif path == "/readyz":
+                ok, reason = ready()
+                self._reply(200 if ok else 503, (reason + "\n").encode())
+            else:
+                self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+        def _reply(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(
+            self, format: str, *args: object
+        ) -> None:  # scrapes every few seconds: keep logs quiet
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    return server

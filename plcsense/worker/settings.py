@@ -1,0 +1,169 @@
+"""Worker settings: a YAML file overridden by ``PLCSENSE_...`` environment variables (nested with ``__``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MqttSettings(_Section):
+    url: str = "mqtt://127.0.0.1:1883"
+    """``mqtt://host:port`` or ``mqtts://host:port`` (TLS)."""
+    client_id: str = Field("plcsense-worker", min_length=1, max_length=128)
+    """Stable id: the broker keeps this client's session (and queued messages) across restarts."""
+    protocol: Literal["5", "3.1.1"] = "5"
+    username: str | None = None
+    password: SecretStr | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    tls_insecure: bool = False
+    """Skip the server hostname check (only for brokers addressed by an IP their certificate lacks)."""
+    keepalive_s: int = Field(30, ge=5)
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=0)
+    """How long the broker keeps the session (and messages for it) while the worker is away (MQTT 5)."""
+    reconnect_min_s: float = Field(1.0, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+    max_inflight: int = Field(64, ge=1, le=65535)
+    """Messages delivered but not yet answered; sent to the broker as MQTT 5 Receive Maximum."""
+    shared_group: str | None = None
+    """Subscribe as ``$share/<group>/<filter>`` so several workers split the load (MQTT 5)."""
+    topic_prefix: str | None = None
+    """Prefix of the availability topic ``<prefix>/status``; default ``plcsense/<client_id>``."""
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
+            raise ValueError("must look like mqtt://host:1883 or mqtts://host:8883")
+        return url
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme in ("mqtts", "ssl")
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+
+    @property
+    def status_topic(self) -> str:
+        return f"{self.topic_prefix or 'plcsense/' + self.client_id}/status"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MqttSettings:
+        if self.shared_group and self.protocol != "5":
+            raise ValueError("shared_group needs protocol 5")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name} {path} does not exist")
+        return self
+
+
+class MetricsSettings(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(9108, ge=0, le=65535)
+    """HTTP port for /metrics, /healthz and /readyz; 0 disables the server."""
+
+
+class RouteSettings(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    topic: str = Field(min_length=1)
+    """MQTT topic filter, ``+`` and ``#`` allowed."""
+    model: Path
+    """A bundle directory (relative paths resolve against the working directory, then the config file)."""
+    encoding: Literal["json", "npy", "image"] = "json"
+    result_topic: str = "{topic}/result"
+    error_topic: str = "{topic}/error"
+    max_payload_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    max_batch: int = Field(16, ge=1, le=1024)
+    max_wait_ms: float = Field(5.0, ge=0)
+    """How long the first message of a batch waits for company before the batch runs."""
+    qos: Literal[0, 1, 2] = 1
+
+    @field_validator("topic")
+    @classmethod
+    def _valid_filter(cls, topic: str) -> str:
+        levels = topic.split("/")
+        for i, level in enumerate(levels):
+            if ("#" in level and (level != "#" or i != len(levels) - 1)) or ("+" in level and level != "+"):
+                raise ValueError(f"{topic!r} is not a valid MQTT topic filter")
+        return topic
+
+    @field_validator("result_topic", "error_topic")
+    @classmethod
+    def _template(cls, template: str) -> str:
+        if "{topic}" not in template and "{route}" not in template:
+            raise ValueError("template needs {topic} or {route}, e.g. '{topic}/result'")
+        try:
+            template.format(topic="t", route="r")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"bad template ({exc}); placeholders are {{topic}} and {{route}}") from None
+        return template
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PLCSENSE_", env_nested_delimiter="__", extra="forbid")
+
+    mqtt: MqttSettings = MqttSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    routes: list[RouteSettings] = Field(min_length=1)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("routes")
+    @classmethod
+    def _unique_names(cls, routes: list[RouteSettings]) -> list[RouteSettings]:
+        names = [r.name for r in routes]
+        if len(set(names)) != len(names):
+            raise ValueError("route names must be unique")
+        return routes
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file, so one YAML serves a fleet and each gateway overrides what differs.
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+
+def load_settings(config: Path | None) -> Settings:
+    """Read ``config`` (YAML) with environment overrides; raise ``pydantic.ValidationError`` when invalid."""
+    if config is not None and not config.is_file():
+        raise FileNotFoundError(f"config file {config} not found")
+    from_file = type(
+        "Settings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": config}}
+    )
+    settings = from_file()
+    if config is not None:
+        for route in settings.routes:
+            if not route.model.is_absolute() and not route.model.exists():
+                beside = config.parent / route.model
+                if beside.exists():
+                    route.model = beside
+    return settings
