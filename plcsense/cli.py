@@ -135,9 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="score a bundle's LiteRT model on labelled data")
     ev.add_argument("bundle")
-    ev.add_argument(
-        "data", nargs="+", help="image folder(s) of class folders, or sensor CSV file(s)/folder(s)"
-    )
+    ev.add_argument("data", nargs="+", help="image folder(s) of class folders, or sensor CSV file(s)/folder(s)")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ev.add_argument("--label-column", default="anomaly")
     ev.set_defaults(func=_evaluate)

@@ -36,9 +36,7 @@ def csv_payloads(path: Path, columns: list[str] | None, encoding: str) -> list[t
     return payloads
 
 
-def payloads_for(
-    source: Path, columns: list[str] | None = None, encoding: str = "json"
-) -> list[tuple[str, bytes]]:
+def payloads_for(source: Path, columns: list[str] | None = None, encoding: str = "json") -> list[tuple[str, bytes]]:
     if source.is_dir():
         return image_payloads(source)
     if source.suffix.lower() in IMAGE_SUFFIXES:

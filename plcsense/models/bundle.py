@@ -182,20 +182,15 @@ def _verify_spec(path: Path, manifest: Manifest, model: LiteRTModel) -> None:
     expected = manifest.input.shape
     if model.input_shape != expected:
         raise BundleError(
-            f"bundle {path}: manifest input shape {list(expected)} does not match model input "
-            f"{list(model.input_shape)}"
+            f"bundle {path}: manifest input shape {list(expected)} does not match model input {list(model.input_shape)}"
         )
     out = model.output_shape
     if manifest.task == "classification":
         assert manifest.labels is not None
         if out != (len(manifest.labels),):
-            raise BundleError(
-                f"bundle {path}: {len(manifest.labels)} labels but the model outputs shape {list(out)}"
-            )
+            raise BundleError(f"bundle {path}: {len(manifest.labels)} labels but the model outputs shape {list(out)}")
     elif out != (len(manifest.input.channels),):  # type: ignore[union-attr]
-        raise BundleError(
-            f"bundle {path}: anomaly model should output one error per channel, got {list(out)}"
-        )
+        raise BundleError(f"bundle {path}: anomaly model should output one error per channel, got {list(out)}")
 
 
 def _verify_golden(path: Path, manifest: Manifest, model: LiteRTModel) -> None:

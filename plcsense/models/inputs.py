@@ -44,7 +44,9 @@ def decode_image(data: bytes, spec: ImageSpec) -> np.ndarray:
             return image_to_array(image, spec)
     except InputError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:
+        raise InputError("undecodable_image", "payload is not an image format Pillow reads (JPEG, PNG, BMP...)") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError("undecodable_image", f"cannot decode image ({exc})") from None
 
 

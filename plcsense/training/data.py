@@ -47,9 +47,7 @@ def load_image_folder(root: Path, spec: ImageSpec, classes: list[str] | None = N
     images, labels, skipped = [], [], []
     for folder in folders:
         if folder.name not in index:
-            raise DataError(
-                f"{folder}: class {folder.name!r} is not one the model knows ({', '.join(names)})"
-            )
+            raise DataError(f"{folder}: class {folder.name!r} is not one the model knows ({', '.join(names)})")
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DataError(f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")

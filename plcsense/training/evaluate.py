@@ -74,8 +74,6 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     width = max(len("data"), *(len(name) for name in rows))
     lines = ["  ".join([f"{'data':<{width}}", *(f"{k:>10}" for k in keys)])]
     for name, row in rows.items():
-        cells = [
-            f"{row[k]:>10.4f}" if isinstance(row.get(k), float) else f"{row.get(k, ''):>10}" for k in keys
-        ]
+        cells = [f"{row[k]:>10.4f}" if isinstance(row.get(k), float) else f"{row.get(k, ''):>10}" for k in keys]
         lines.append("  ".join([f"{name:<{width}}", *cells]))
     return "\n".join(lines)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -18,9 +20,8 @@ GOLDEN_SAMPLES = 3
 
 def to_tflite(model: keras.Model) -> bytes:
     """Convert to a float32 LiteRT flatbuffer with a resizable batch dimension."""
-    spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)
-    function = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
-    return tf.lite.TFLiteConverter.from_concrete_functions([function], model).convert()
+    with contextlib.redirect_stdout(io.StringIO()):  # Keras prints the whole SavedModel signature otherwise
+        return tf.lite.TFLiteConverter.from_keras_model(model).convert()
 
 
 def check_output_dir(out: Path) -> None:

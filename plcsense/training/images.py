@@ -57,9 +57,7 @@ def train_images(data_dir: Path, out: Path, cfg: ImageTrainConfig) -> Bundle:
     )
     data: ImageSet = load_image_folder(data_dir, spec)
     if len(data.classes) < 2:
-        raise DataError(
-            f"{data_dir} has one class folder ({data.classes[0]}); a classifier needs at least two"
-        )
+        raise DataError(f"{data_dir} has one class folder ({data.classes[0]}); a classifier needs at least two")
     train, val, test = split_indices(data.labels, cfg.val_split, cfg.test_split, cfg.seed)
     log.info(
         "%d images, %d classes (%s), %s; split %d/%d/%d",

@@ -54,24 +54,16 @@ def train_sensor_anomaly(paths: list[Path], out: Path, cfg: SensorTrainConfig) -
     check_output_dir(out)
     if not paths:
         raise DataError("no CSV files given")
-    first = read_sensor_csv(
-        paths[0], columns=cfg.columns, label_column=cfg.label_column, ignore=cfg.ignore_columns
-    )
-    tables = [first] + [
-        read_sensor_csv(p, columns=first.columns, label_column=cfg.label_column) for p in paths[1:]
-    ]
+    first = read_sensor_csv(paths[0], columns=cfg.columns, label_column=cfg.label_column, ignore=cfg.ignore_columns)
+    tables = [first] + [read_sensor_csv(p, columns=first.columns, label_column=cfg.label_column) for p in paths[1:]]
     fit_parts, calib_parts = [], []
     for path, table in zip(paths, tables, strict=True):
         windows = _normal_windows(table, cfg.window)
         cut = int(len(windows) * (1 - cfg.calibration_split))
         if cut < 1 or cut == len(windows):
-            raise DataError(
-                f"{path}: too few normal rows for window {cfg.window}; record more or shrink --window"
-            )
+            raise DataError(f"{path}: too few normal rows for window {cfg.window}; record more or shrink --window")
         fit_parts.append(windows[:cut])
-        calib_parts.append(
-            windows[cut + cfg.window :] if len(windows) - cut > 2 * cfg.window else windows[cut:]
-        )
+        calib_parts.append(windows[cut + cfg.window :] if len(windows) - cut > 2 * cfg.window else windows[cut:])
     fit, calib = np.concatenate(fit_parts), np.concatenate(calib_parts)
     rows = np.concatenate([t.values for t in tables])
     mean, std = rows.mean(axis=0), rows.std(axis=0)

@@ -6,9 +6,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 
-def split_indices(
-    labels: np.ndarray, val: float, test: float, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_indices(labels: np.ndarray, val: float, test: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stratified when every class has enough samples, plain shuffled otherwise."""
     index = np.arange(len(labels))
 

@@ -17,9 +17,7 @@ class MicroBatcher(Generic[Item]):
     One thread per batcher keeps the interpreter single-threaded per model and the MQTT network thread free.
     """
 
-    def __init__(
-        self, name: str, handle: Callable[[Sequence[Item]], None], max_batch: int, max_wait_s: float
-    ) -> None:
+    def __init__(self, name: str, handle: Callable[[Sequence[Item]], None], max_batch: int, max_wait_s: float) -> None:
         self._handle = handle
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s

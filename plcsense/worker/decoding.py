@@ -83,12 +83,8 @@ def decode(payload: bytes, encoding: Encoding, manifest: Manifest) -> Decoded:
         if isinstance(spec, SensorSpec) and array.shape == (len(spec.channels),):
             decoded.is_reading = True
         else:
-            single = (
-                f" or one reading of shape [{len(spec.channels)}]" if isinstance(spec, SensorSpec) else ""
-            )
-            raise InputError(
-                "bad_shape", f"input shape {list(array.shape)}, model needs {list(spec.shape)}{single}"
-            )
+            single = f" or one reading of shape [{len(spec.channels)}]" if isinstance(spec, SensorSpec) else ""
+            raise InputError("bad_shape", f"input shape {list(array.shape)}, model needs {list(spec.shape)}{single}")
     if not np.all(np.isfinite(array)):
         raise InputError("non_finite", "input contains NaN or infinity")
     if array.size and float(np.max(np.abs(array))) > np.finfo(np.float32).max:

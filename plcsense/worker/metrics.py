@@ -27,9 +27,7 @@ class Metrics:
         r = self.registry
         self.messages = Counter("plcsense_messages", "Messages received, good or bad", ["route"], registry=r)
         self.results = Counter("plcsense_results", "Results published", ["route"], registry=r)
-        self.errors = Counter(
-            "plcsense_errors", "Inputs answered with an error", ["route", "reason"], registry=r
-        )
+        self.errors = Counter("plcsense_errors", "Inputs answered with an error", ["route", "reason"], registry=r)
         self.anomalies = Counter("plcsense_anomalies", "Results flagged as anomalies", ["route"], registry=r)
         self.inference = Histogram(
             "plcsense_inference_seconds",
@@ -48,24 +46,18 @@ class Metrics:
         self.batch_size = Histogram(
             "plcsense_batch_size", "Inputs per LiteRT invoke", ["model"], buckets=_BATCH_BUCKETS, registry=r
         )
-        self.inflight = Gauge(
-            "plcsense_inflight_messages", "Messages received but not yet answered", registry=r
-        )
+        self.inflight = Gauge("plcsense_inflight_messages", "Messages received but not yet answered", registry=r)
         self.connected = Gauge("plcsense_mqtt_connected", "1 while connected to the broker", registry=r)
         self.model_info = Gauge(
             "plcsense_model_info", "Loaded model bundles", ["route", "model", "version"], registry=r
         )
-        self.windows = Gauge(
-            "plcsense_tracked_windows", "Devices with a sliding window in memory", registry=r
-        )
+        self.windows = Gauge("plcsense_tracked_windows", "Devices with a sliding window in memory", registry=r)
 
     def expose(self) -> bytes:
         return generate_latest(self.registry)
 
 
-def serve_http(
-    host: str, port: int, metrics: Metrics, ready: Callable[[], tuple[bool, str]]
-) -> ThreadingHTTPServer:
+def serve_http(host: str, port: int, metrics: Metrics, ready: Callable[[], tuple[bool, str]]) -> ThreadingHTTPServer:
     """Start the HTTP server on a daemon thread; ``ready`` returns (ready, reason)."""
 
     class Handler(BaseHTTPRequestHandler):
@@ -88,9 +80,7 @@ def serve_http(
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(
-            self, format: str, *args: object
-        ) -> None:  # scrapes every few seconds: keep logs quiet
+        def log_message(self, format: str, *args: object) -> None:  # scrapes every few seconds: keep logs quiet
             pass
 
     server = ThreadingHTTPServer((host, port), Handler)

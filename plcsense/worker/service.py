@@ -74,9 +74,7 @@ class Worker:
         self.settings = settings
         self.metrics = Metrics()
         self.routes = [Route(r) for r in settings.routes]
-        self._output_patterns = [
-            _template_regex(t) for r in settings.routes for t in (r.result_topic, r.error_topic)
-        ]
+        self._output_patterns = [_template_regex(t) for r in settings.routes for t in (r.result_topic, r.error_topic)]
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._inflight = 0
@@ -174,9 +172,7 @@ class Worker:
             clean_session=None if v5 else False,
         )
         client.manual_ack_set(True)
-        client.reconnect_delay_set(
-            min_delay=max(1, round(s.reconnect_min_s)), max_delay=round(s.reconnect_max_s)
-        )
+        client.reconnect_delay_set(min_delay=max(1, round(s.reconnect_min_s)), max_delay=round(s.reconnect_max_s))
         client.max_inflight_messages_set(s.max_inflight)
         client.will_set(s.status_topic, "offline", qos=1, retain=True)
         if s.username:
@@ -327,9 +323,7 @@ class Worker:
                 self.metrics.anomalies.labels(job.route.name).inc()
         doc["latency_ms"] = round((time.monotonic() - job.received) * 1000, 3)
         doc["ts"] = decoded.ts if decoded.ts is not None else time.time()
-        topic = job.response_topic or job.route.settings.result_topic.format(
-            topic=job.topic, route=job.route.name
-        )
+        topic = job.response_topic or job.route.settings.result_topic.format(topic=job.topic, route=job.route.name)
         self._publish(job, topic, doc)
         self.metrics.results.labels(job.route.name).inc()
         self.metrics.latency.labels(job.route.name).observe(time.monotonic() - job.received)
@@ -357,9 +351,7 @@ class Worker:
         )
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             # Not queued by paho (e.g. over the broker's size limit): leave the input unacknowledged.
-            log.error(
-                "publish to %s failed (%s); input stays unacknowledged", topic, mqtt.error_string(info.rc)
-            )
+            log.error("publish to %s failed (%s); input stays unacknowledged", topic, mqtt.error_string(info.rc))
             return
         self._track(info.mid, job)
 

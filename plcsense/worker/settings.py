@@ -156,9 +156,7 @@ def load_settings(config: Path | None) -> Settings:
     """Read ``config`` (YAML) with environment overrides; raise ``pydantic.ValidationError`` when invalid."""
     if config is not None and not config.is_file():
         raise FileNotFoundError(f"config file {config} not found")
-    from_file = type(
-        "Settings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": config}}
-    )
+    from_file = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": config}})
     settings = from_file()
     if config is not None:
         for route in settings.routes:
