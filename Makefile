@@ -1,5 +1,5 @@
 # plcsense: `make demo` runs the main job, `make test` the tests. Both set up .venv on first use.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

@@ -20,9 +20,7 @@ from pathlib import Path
 HOST = "127.0.0.1"
 USERNAME = "plc"
 START_TIMEOUT_S = 10.0
-_SEARCH_PATH = os.pathsep.join(
-    [os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin"]
-)
+_SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin"])
 _INSTALL_HINT = "install it with `apt-get install mosquitto mosquitto-clients` (or `brew install mosquitto`)"
 
 

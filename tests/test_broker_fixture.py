@@ -51,9 +51,7 @@ class Session:
         kwargs: dict = {"protocol": protocol}
         if protocol != mqtt.MQTTv5:
             kwargs["clean_session"] = not persistent
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, **kwargs
-        )
+        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, **kwargs)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *_args: self.done.set()
         self.client.on_connect_fail = lambda *_args: self.done.set()

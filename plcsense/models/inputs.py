@@ -16,10 +16,12 @@ Image.MAX_IMAGE_PIXELS = 64_000_000
 class InputError(ValueError):
     """Input that cannot be fed to a model; ``code`` becomes the error metric's reason label."""
 
-    def __init__(self, code: str, detail: str) -> None:
+    def __init__(self, code: str, detail: str, id: str | None = None) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
+        self.id = id
+        """The message id, when the payload was readable enough to have one."""
 
 
 def image_to_array(image: Image.Image, spec: ImageSpec) -> np.ndarray:
@@ -45,7 +47,9 @@ def decode_image(data: bytes, spec: ImageSpec) -> np.ndarray:
     except InputError:
         raise
     except UnidentifiedImageError:
-        raise InputError("undecodable_image", "payload is not an image format Pillow reads (JPEG, PNG, BMP...)") from None
+        raise InputError(
+            "undecodable_image", "payload is not an image format Pillow reads (JPEG, PNG, BMP...)"
+        ) from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError("undecodable_image", f"cannot decode image ({exc})") from None
 

@@ -54,7 +54,12 @@ def _decode_json(payload: bytes, spec: SensorSpec | ImageSpec) -> Decoded:
         ts = doc.get("ts")
         if not (ts is None or isinstance(ts, (int, float, str))) or isinstance(ts, bool):
             raise InputError("invalid_json", '"ts" must be a number or a string')
-        return Decoded(_as_tensor(doc["data"], spec), _json_id(doc.get("id")), ts)
+        msg_id = _json_id(doc.get("id"))
+        try:
+            return Decoded(_as_tensor(doc["data"], spec), msg_id, ts)
+        except InputError as exc:
+            exc.id = msg_id
+            raise
     if isinstance(doc, list):
         return Decoded(_as_tensor(doc, spec))
     raise InputError("invalid_json", "payload must be a JSON array of numbers or an object with a data field")
@@ -78,6 +83,14 @@ def decode(payload: bytes, encoding: Encoding, manifest: Manifest) -> Decoded:
             raise InputError("bad_encoding", "route encoding is image but the model takes sensor windows")
         return Decoded(decode_image(payload, spec))
     decoded = _decode_json(payload, spec) if encoding == "json" else _decode_npy(payload)
+    try:
+        return _checked(decoded, spec)
+    except InputError as exc:
+        exc.id = decoded.id
+        raise
+
+
+def _checked(decoded: Decoded, spec: SensorSpec | ImageSpec) -> Decoded:
     array = decoded.array
     if array.shape != spec.shape:
         if isinstance(spec, SensorSpec) and array.shape == (len(spec.channels),):

@@ -249,7 +249,7 @@ class Worker:
         try:
             self._accept(job, msg.payload)
         except InputError as exc:
-            self._publish_error(job, exc.code, exc.detail)
+            self._publish_error(job, exc.code, exc.detail, exc.id)
         except Exception as exc:  # nothing may escape into paho's network thread
             log.exception("route %s: unexpected failure on %s", route.name, msg.topic)
             self._publish_error(job, "internal", f"{type(exc).__name__}: {exc}")
@@ -328,14 +328,14 @@ class Worker:
         self.metrics.results.labels(job.route.name).inc()
         self.metrics.latency.labels(job.route.name).observe(time.monotonic() - job.received)
 
-    def _publish_error(self, job: Job, code: str, detail: str) -> None:
+    def _publish_error(self, job: Job, code: str, detail: str, msg_id: str | None = None) -> None:
         self.metrics.errors.labels(job.route.name, code).inc()
         log.warning("route %s: %s on %s: %s", job.route.name, code, job.topic, detail)
         doc = {
             "error": code,
             "detail": detail,
             "topic": job.topic,
-            "id": job.decoded.id if job.decoded else None,
+            "id": job.decoded.id if job.decoded else msg_id,
             "ts": time.time(),
         }
         topic = job.route.settings.error_topic.format(topic=job.topic, route=job.route.name)
