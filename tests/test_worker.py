@@ -97,7 +97,7 @@ def test_image_round_trip_and_top_k(broker, image_bundle, image_data, run_worker
     assert [r["label"] for r in results] == ["bright", "dark", "striped"]
     for r in results:
         assert r["task"] == "classification"
-        assert [t["label"] for t in r["top"]][0] == r["label"]
+        assert r["top"][0]["label"] == r["label"]
         assert abs(sum(t["score"] for t in r["top"]) - 1) < 1e-3
     assert worker.metric("plcsense_model_info", route="cam", model="parts", version="1") == 1
 

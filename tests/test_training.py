@@ -1,0 +1,120 @@
+"""Training and evaluation through the CLI, on tiny data (real SKAB data when ../shared is present)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from plcsense.models.bundle import load_bundle
+from tests.conftest import SHARED_DATA, write_image_folder, write_sensor_csv
+
+
+def plcsense(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "plcsense", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_and_evaluate_sensors_cli(tmp_path):
+    write_sensor_csv(tmp_path / "normal.csv", delimiter=";")
+    write_sensor_csv(tmp_path / "comma.csv", rows=300, seed=3, delimiter=",")
+    out = tmp_path / "bundle"
+    proc = plcsense(
+        "train",
+        "sensors",
+        str(tmp_path / "normal.csv"),
+        "--task",
+        "anomaly",
+        "--window",
+        "12",
+        "--epochs",
+        "3",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    manifest = load_bundle(out).manifest
+    assert manifest.input.channels == ["vibration", "current", "pressure"]  # timestamp column left out
+    assert manifest.input.window == 12
+
+    # labelled data with an injected fault: evaluate reports f1/precision/recall from the LiteRT model
+    lines = (tmp_path / "comma.csv").read_text().splitlines()
+    labelled = [lines[0] + ",anomaly"]
+    for i, line in enumerate(lines[1:]):
+        fields = line.split(",")
+        fault = 150 <= i < 200
+        if fault:
+            fields[3] = str(float(fields[3]) + 5)
+        labelled.append(",".join(fields) + f",{int(fault)}")
+    (tmp_path / "labelled.csv").write_text("\n".join(labelled) + "\n")
+    proc = plcsense("evaluate", str(out), str(tmp_path / "labelled.csv"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    scores = json.loads(proc.stdout)
+    assert scores["n"] == 300 - 11
+    assert {"f1", "precision", "recall"} <= set(scores)
+    assert scores["recall"] > 0.8 and scores["precision"] > 0.5
+
+
+def test_train_and_evaluate_images_cli(tmp_path):
+    data = tmp_path / "parts"
+    write_image_folder(data, per_class=20)
+    (data / "dark" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "bundle"
+    proc = plcsense(
+        "train", "images", str(data), "--image-size", "16", "--epochs", "12", "--batch-size", "8", "--out", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "broken.png" in proc.stderr  # corrupt files are skipped and named
+    manifest = load_bundle(out).manifest
+    assert manifest.labels == ["bright", "dark", "striped"] and manifest.input.color_mode == "grayscale"
+    assert 0 <= manifest.metrics["test_accuracy"] <= 1
+
+    held_out = tmp_path / "held_out"
+    write_image_folder(held_out, per_class=10, seed=7)
+    proc = plcsense("evaluate", str(out), str(held_out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    scores = json.loads(proc.stdout)
+    assert scores["n"] == 30 and scores["accuracy"] >= 0.9 and scores["loss"] >= 0
+    table = plcsense("evaluate", str(out), str(held_out), str(data))
+    assert "accuracy" in table.stdout and str(held_out) in table.stdout
+
+
+def test_training_refuses_bad_data(tmp_path):
+    (tmp_path / "one" / "only").mkdir(parents=True)
+    write_image_folder(tmp_path / "single", per_class=3)
+    for name in ("dark", "striped"):
+        for f in (tmp_path / "single" / name).iterdir():
+            f.unlink()
+        (tmp_path / "single" / name).rmdir()
+    proc = plcsense("train", "images", str(tmp_path / "single"), "--out", str(tmp_path / "b"))
+    assert proc.returncode == 2 and "at least two" in proc.stderr
+    proc = plcsense("train", "images", str(tmp_path / "one"), "--out", str(tmp_path / "b"))
+    assert proc.returncode == 2 and "holds no images" in proc.stderr
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    write_sensor_csv(tmp_path / "s.csv", rows=100)
+    proc = plcsense("train", "sensors", str(tmp_path / "s.csv"), "--out", str(tmp_path / "notes"))
+    assert proc.returncode == 2 and "not a model bundle" in proc.stderr
+    assert (tmp_path / "notes" / "keep.txt").exists()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "skab").is_dir(), reason="needs ../shared/data/skab (present in CI)")
+def test_skab_anomaly_free_trains(tmp_path):
+    out = tmp_path / "pump"
+    proc = plcsense(
+        "train",
+        "sensors",
+        str(SHARED_DATA / "skab" / "anomaly-free" / "anomaly-free.csv"),
+        "--task",
+        "anomaly",
+        "--window",
+        "30",
+        "--epochs",
+        "2",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(load_bundle(out).manifest.input.channels) == 8
