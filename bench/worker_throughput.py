@@ -79,7 +79,7 @@ def main() -> None:
     latencies: list[float] = []
     done = threading.Event()
 
-    def on_message(client, userdata, msg) -> None:  # noqa: ANN001
+    def on_message(client, userdata, msg) -> None:
         latencies.append(json.loads(msg.payload).get("latency_ms", float("nan")))
         if len(latencies) >= args.messages:
             done.set()
