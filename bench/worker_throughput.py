@@ -87,7 +87,7 @@ def main() -> None:
     listener = client_for(url)
     listener.on_message = on_message
     listener.connect(*host_port(url))
-    listener.subscribe("bench/+/in/#", qos=1)
+    listener.subscribe([("bench/+/in/result", 1), ("bench/+/in/error", 1)])
     listener.loop_start()
     sender = client_for(url)
     sender.max_inflight_messages_set(1000)
