@@ -240,3 +240,24 @@ def test_sigterm_drains_and_exits_zero(broker, sensor_bundle, run_worker, collec
     worker.start()  # whatever it had not taken yet is still queued for its session
     assert len(out.wait_for(total, timeout=60)) >= total
     assert answered <= total
+
+
+def test_reconnects_after_broker_restart(tmp_path, sensor_bundle, run_worker, collectors):
+    from tests.broker import start_broker
+
+    broker = start_broker(tmp_path / "persistent", persistence=True)
+    try:
+        worker = run_worker(broker, [sensor_route(sensor_bundle, encoding="npy")], reconnect_max_s=2)
+        window = io.BytesIO()
+        np.save(window, np.asarray(readings(10), dtype=np.float32))
+        broker.restart()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and worker.metric("plcsense_mqtt_connected") != 1:
+            time.sleep(0.2)
+        out = Collector(broker, "plant/+/pump/result")
+        collectors.append(out)
+        publish_all(broker, "plant/x/pump", [window.getvalue()])
+        assert len(out.wait_for(1)) == 1
+        assert "disconnected from the broker" in worker.log()
+    finally:
+        broker.stop()
