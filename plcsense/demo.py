@@ -145,9 +145,13 @@ def _worker_config(workdir: Path, url: str, metrics_port: int) -> Path:
 
 
 class Tally:
+    """Counts what comes back and prints a readable sample of it: the first results of each route, then
+    every 50th, and every anomaly burst and error."""
+
     def __init__(self) -> None:
         self.results = 0
         self.errors = 0
+        self.per_route: dict[str, int] = {}
         self.lock = threading.Lock()
 
     def on_message(self, client: object, userdata: object, msg: object) -> None:
@@ -158,14 +162,16 @@ class Tally:
                 print(f"  error  {doc['topic']}: {doc['error']} ({doc['detail']})", flush=True)
                 return
             self.results += 1
-            n = self.results
-        if n <= 5 or n % 25 == 0:
-            what = (
-                f"label {doc['label']} ({doc['score']:.2f})"
-                if doc["task"] == "classification"
-                else f"score {doc['score']:.3f} / threshold {doc['threshold']:.3f} anomaly={doc['is_anomaly']}"
+            n = self.per_route[doc["topic"]] = self.per_route.get(doc["topic"], 0) + 1
+        if doc["task"] == "classification":
+            what = f"label {doc['label']} ({doc['score']:.2f})"
+        else:
+            worst = max(doc["channels"], key=doc["channels"].get)
+            what = f"score {doc['score']:.3f} / threshold {doc['threshold']:.3f}" + (
+                f" ANOMALY, mostly {worst}" if doc["is_anomaly"] else ""
             )
-            print(f"  result #{n} {doc['topic']}: {what}, {doc['latency_ms']:.1f} ms", flush=True)
+        if n <= 3 or n % 50 == 0 or (doc.get("is_anomaly") and n % 5 == 0):
+            print(f"  result {doc['topic']} #{n}: {what}, {doc['latency_ms']:.1f} ms", flush=True)
 
 
 def run_demo() -> int:
@@ -226,7 +232,12 @@ def _replay(url: str, topic: str, source: Path, rate: float, stop: threading.Eve
     client.loop_start()
     started, i = time.monotonic(), 0
     while not stop.is_set():
-        client.publish(topic, payloads[i % len(payloads)][1], qos=1)
+        payload = payloads[i % len(payloads)][1]
+        if not source.is_dir() and i % 400 >= 360:  # a fault: ch3 jumps by 6 sigma for 40 readings
+            doc = json.loads(payload)
+            doc["data"][2] += 6.0
+            payload = json.dumps(doc).encode()
+        client.publish(topic, payload, qos=1)
         i += 1
         sent[slot] = i
         stop.wait(max(0.0, started + i / rate - time.monotonic()))

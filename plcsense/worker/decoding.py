@@ -100,7 +100,7 @@ def _checked(decoded: Decoded, spec: SensorSpec | ImageSpec) -> Decoded:
             raise InputError("bad_shape", f"input shape {list(array.shape)}, model needs {list(spec.shape)}{single}")
     if not np.all(np.isfinite(array)):
         raise InputError("non_finite", "input contains NaN or infinity")
-    if array.size and float(np.max(np.abs(array))) > np.finfo(np.float32).max:
+    if array.size and float(np.max(np.abs(array))) > float(np.finfo(np.float32).max):
         raise InputError("non_finite", "input values overflow float32")
     decoded.array = array.astype(np.float32)
     if isinstance(decoded.ts, float) and not math.isfinite(decoded.ts):

@@ -1,0 +1,255 @@
+"""``plcsense train sensors --task classify``: a 1-D CNN that labels whole sensor tensors (one per machine cycle).
+
+The data layout mirrors images: ``DATA_DIR/<class>/*.csv``, one CSV per sample, rows = time steps, columns =
+channels, a header naming the channels. Every sample must have the same length and the same channels; the
+exported model takes the raw (time steps, channels) float32 tensor and outputs class probabilities, with the
+per-channel normalisation inside the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from plcsense.models.bundle import Bundle, SensorSpec, new_manifest
+from plcsense.training.data import DataError, class_folders, read_sensor_csv
+from plcsense.training.evaluate import classification_scores, predict_all
+from plcsense.training.export import check_output_dir, export_bundle
+from plcsense.training.splits import split_indices
+
+if TYPE_CHECKING:
+    import keras
+
+log = logging.getLogger("plcsense.training")
+
+
+@dataclass
+class SensorClassifyConfig:
+    columns: list[str] | None = None
+    """Channels to use (default: every numeric column of the first file; all files must then have the same)."""
+    epochs: int = 150
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    seed: int = 42
+    val_split: float = 0.15
+    test_split: float = 0.15
+    patience: int = 25
+    """Early stopping: epochs without a better validation loss before training stops (best weights kept)."""
+    lr_patience: int = 8
+    """Halve the learning rate after this many epochs without a better validation loss."""
+    balance_classes: bool = True
+    """Weight the loss by inverse class frequency so a rare condition is not drowned by the common one."""
+    name: str | None = None
+    version: str = "1"
+
+
+@dataclass
+class SensorSamples:
+    inputs: np.ndarray  # (n, window, channels) float32
+    labels: np.ndarray  # (n,) int
+    classes: list[str]
+    channels: list[str]
+    files: list[Path]
+
+    @property
+    def window(self) -> int:
+        return int(self.inputs.shape[1])
+
+
+def load_sensor_folder(
+    root: Path,
+    *,
+    columns: list[str] | None = None,
+    classes: list[str] | None = None,
+    window: int | None = None,
+) -> SensorSamples:
+    """Load ``root/<class>/*.csv`` into one (n, window, channels) array.
+
+    Every file must have the same number of rows (``window`` when given) and the same channels (``columns``
+    when given, else those of the first file); a file that differs is named in the :class:`DataError`.
+    ``classes`` fixes the label order (a trained model's labels); a folder outside it is an error.
+    """
+    folders = class_folders(root)
+    names = classes or [f.name for f in folders]
+    index = {name: i for i, name in enumerate(names)}
+    inputs: list[np.ndarray] = []
+    labels: list[int] = []
+    files: list[Path] = []
+    channels = list(columns) if columns else None
+    first: Path | None = None
+    for folder in folders:
+        if folder.name not in index:
+            raise DataError(f"{folder}: class {folder.name!r} is not one the model knows ({', '.join(names)})")
+        paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".csv")
+        if not paths:
+            raise DataError(f"class folder {folder} holds no .csv files (one CSV per sample)")
+        for path in paths:
+            table = read_sensor_csv(path, columns=columns)
+            if channels is None:
+                channels = table.columns
+            elif table.columns != channels:
+                raise DataError(
+                    f"{path}: channels {table.columns} differ from {channels} in {first}; "
+                    "every sample needs the same columns (or choose them with --columns)"
+                )
+            rows = len(table.values)
+            expected = window if window is not None else (len(inputs[0]) if inputs else rows)
+            if rows != expected:
+                where = "the model's window" if window is not None else f"{first}"
+                raise DataError(
+                    f"{path}: {rows} rows (time steps), but {where} has {expected}; "
+                    "every sample must have the same length"
+                )
+            if first is None:
+                first = path
+            inputs.append(table.values)
+            labels.append(index[folder.name])
+            files.append(path)
+    assert channels is not None
+    return SensorSamples(np.stack(inputs).astype(np.float32), np.asarray(labels), names, channels, files)
+
+
+def channel_stats(inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation over every sample and time step; constant channels get std 1."""
+    flat = inputs.reshape(-1, inputs.shape[-1]).astype(np.float64)
+    mean, std = flat.mean(axis=0), flat.std(axis=0)
+    std = np.where(std > 1e-9 * np.maximum(1.0, np.abs(mean)), std, 1.0)
+    return mean, std
+
+
+def cnn1d(
+    window: int,
+    mean: np.ndarray,
+    std: np.ndarray,
+    num_classes: int,
+    *,
+    filters: tuple[int, ...] = (64, 128, 64),
+    kernels: tuple[int, ...] = (7, 5, 3),
+    dropout: float = 0.3,
+) -> keras.Model:
+    """A fully convolutional 1-D classifier on raw (window, channels) readings.
+
+    Normalisation (per channel) -> Conv1D + batch norm + ReLU blocks -> global average pooling -> dropout ->
+    softmax. Global pooling makes the head independent of the window length and keeps the model small.
+    """
+    import keras
+    from keras import layers
+
+    channels = len(mean)
+    inputs = keras.Input((window, channels), name="readings")
+    x = layers.Normalization(axis=-1, mean=np.asarray(mean), variance=np.square(std), name="normalise")(inputs)
+    for i, (f, k) in enumerate(zip(filters, kernels, strict=True)):
+        x = layers.Conv1D(f, k, padding="same", use_bias=False, name=f"conv{i + 1}")(x)
+        x = layers.BatchNormalization(name=f"bn{i + 1}")(x)
+        x = layers.Activation("relu", name=f"relu{i + 1}")(x)
+    x = layers.GlobalAveragePooling1D(name="pool")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="cnn1d")
+
+
+def _class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(labels)
+    weights = compute_class_weight("balanced", classes=present, y=labels)
+    table = dict.fromkeys(range(num_classes), 1.0)
+    table.update({int(c): float(w) for c, w in zip(present, weights, strict=True)})
+    return table
+
+
+def train_sensor_classifier(data_dir: Path, out: Path, cfg: SensorClassifyConfig) -> Bundle:
+    import keras
+
+    check_output_dir(out)
+    data = load_sensor_folder(data_dir, columns=cfg.columns)
+    if len(data.classes) < 2:
+        raise DataError(f"{data_dir} has one class folder ({data.classes[0]}); a classifier needs at least two")
+    train, val, test = split_indices(data.labels, cfg.val_split, cfg.test_split, cfg.seed)
+    if len(train) == 0:
+        raise DataError(f"{data_dir}: no samples left for training after the validation/test split")
+    counts = np.bincount(data.labels, minlength=len(data.classes))
+    log.info(
+        "%d samples of %d x %d (%s), %d classes (%s); split %d/%d/%d",
+        len(data.labels),
+        data.window,
+        len(data.channels),
+        ", ".join(data.channels),
+        len(data.classes),
+        ", ".join(f"{c} {n}" for c, n in zip(data.classes, counts, strict=True)),
+        len(train),
+        len(val),
+        len(test),
+    )
+    mean, std = channel_stats(data.inputs[train])
+
+    keras.utils.set_random_seed(cfg.seed)
+    model = cnn1d(data.window, mean, std, len(data.classes))
+    model.compile(
+        optimizer=keras.optimizers.Adam(cfg.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    monitor = "val_loss" if len(val) else "loss"
+    model.fit(
+        data.inputs[train],
+        data.labels[train],
+        validation_data=(data.inputs[val], data.labels[val]) if len(val) else None,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        class_weight=_class_weights(data.labels[train], len(data.classes)) if cfg.balance_classes else None,
+        verbose=2,
+        callbacks=[
+            keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5, patience=cfg.lr_patience, min_lr=1e-5),
+            keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True),
+        ],
+    )
+    spec = SensorSpec(channels=data.channels, window=data.window, mean=mean.tolist(), std=std.tolist())
+    manifest = new_manifest(
+        name=cfg.name or data_dir.resolve().name,
+        version=cfg.version,
+        task="classification",
+        input=spec,
+        labels=data.classes,
+    )
+    manifest.metrics.update({"train_samples": len(train), "val_samples": len(val), "test_samples": len(test)})
+    held_out = test if len(test) else val if len(val) else train
+
+    def score(lite) -> dict[str, float]:
+        scores = classification_scores(predict_all(lite, data.inputs[held_out]), data.labels[held_out])
+        return {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"]}
+
+    return export_bundle(out, model, manifest, data.inputs[held_out], score)
+
+
+def evaluate_sensor_folder(bundle: Bundle, data_dir: Path) -> dict:
+    """Scores of a sensor classification bundle's LiteRT model on ``data_dir/<class>/*.csv``.
+
+    Returns ``n``, ``accuracy``, ``loss``, per-class ``precision``/``recall``/``support`` (dicts keyed by label)
+    and ``confusion_matrix`` (rows: true label, columns: predicted, in ``labels`` order).
+    """
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    manifest = bundle.manifest
+    spec = manifest.input
+    if manifest.task != "classification" or not isinstance(spec, SensorSpec) or not manifest.labels:
+        raise DataError(f"bundle {bundle.path} is not a sensor classification model ({manifest.task})")
+    data = load_sensor_folder(data_dir, columns=spec.channels, classes=manifest.labels, window=spec.window)
+    probabilities = predict_all(bundle.model, data.inputs)
+    predicted = probabilities.argmax(axis=1)
+    classes = list(range(len(manifest.labels)))
+    precision, recall, _, support = precision_recall_fscore_support(
+        data.labels, predicted, labels=classes, zero_division=0
+    )
+    return {
+        **classification_scores(probabilities, data.labels),
+        "labels": list(manifest.labels),
+        "precision": {c: float(p) for c, p in zip(manifest.labels, precision, strict=True)},
+        "recall": {c: float(r) for c, r in zip(manifest.labels, recall, strict=True)},
+        "support": {c: int(s) for c, s in zip(manifest.labels, support, strict=True)},
+        "confusion_matrix": confusion_matrix(data.labels, predicted, labels=classes).tolist(),
+    }
