@@ -13,22 +13,35 @@ import os
 import sys
 from pathlib import Path
 
+ARCHS = ["scratch", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "inception_v3"]
+
 
 def _train(args: argparse.Namespace) -> int:
     if args.kind == "images":
-        from plcsense.training.images import ImageTrainConfig, train_images
+        from plcsense.training.images import Augment, ImageTrainConfig, train_images
 
         cfg = ImageTrainConfig(
+            arch=args.arch,
+            weights=args.weights,
             image_size=args.image_size,
             color_mode=args.color_mode,
             epochs=args.epochs,
+            fine_tune_epochs=args.fine_tune_epochs,
+            fine_tune_layers=args.fine_tune_layers,
             batch_size=args.batch_size,
             seed=args.seed,
             val_split=args.val_split,
             test_split=args.test_split,
+            augment=None if args.no_augment else Augment(),
+            class_weights=not args.no_class_weights,
+            tensorboard=Path(args.tensorboard) if args.tensorboard else None,
+            quantize=args.quantize,
+            min_agreement=args.min_agreement,
             name=args.name,
             version=args.model_version,
         )
+        if args.learning_rate:
+            cfg.learning_rate = args.learning_rate
         bundle = train_images(Path(args.data[0]), Path(args.out), cfg)
     else:
         from plcsense.training.sensors import SensorTrainConfig, train_sensor_anomaly
@@ -65,6 +78,28 @@ def _evaluate(args: argparse.Namespace) -> int:
     else:
         print(format_table(rows))
     return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from plcsense.models.bundle import ImageSpec, load_bundle
+    from plcsense.models.inputs import InputError, load_image_file
+
+    bundle = load_bundle(args.bundle)
+    spec, labels = bundle.manifest.input, bundle.manifest.labels
+    if not isinstance(spec, ImageSpec) or not labels:
+        print(f"plcsense: {args.bundle} is not an image classifier", file=sys.stderr)
+        return 2
+    failed = 0
+    for path in args.images:
+        try:
+            probabilities = bundle.model.predict(load_image_file(path, spec)[None])[0]
+        except (InputError, OSError) as exc:
+            print(f"{path}\terror: {exc}")
+            failed += 1
+            continue
+        best = int(probabilities.argmax())
+        print(f"{path}\t{labels[best]}\t{probabilities[best]:.4f}")
+    return 1 if failed else 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -119,7 +154,36 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--name", help="model name in the manifest (default: from the data)")
     train.add_argument("--model-version", default="1")
     images = train.add_argument_group("images")
-    images.add_argument("--image-size", type=int, default=128)
+    images.add_argument(
+        "--arch",
+        choices=ARCHS,
+        default="mobilenet_v2",
+        help="scratch CNN or an ImageNet backbone for transfer learning (default mobilenet_v2)",
+    )
+    images.add_argument(
+        "--weights",
+        default="imagenet",
+        help="imagenet (Keras download and cache), none, or a local .h5 file (offline machines)",
+    )
+    images.add_argument(
+        "--fine-tune-layers",
+        type=int,
+        default=30,
+        help="top backbone layers unfrozen in the second phase (0: head only)",
+    )
+    images.add_argument("--fine-tune-epochs", type=int, default=10)
+    images.add_argument("--learning-rate", type=float, default=None, help="head/scratch learning rate (1e-3)")
+    images.add_argument("--no-augment", action="store_true", help="no flips, rotations, zoom, contrast...")
+    images.add_argument("--no-class-weights", action="store_true", help="do not rebalance imbalanced classes")
+    images.add_argument("--tensorboard", help="write TensorBoard logs to this directory")
+    images.add_argument("--quantize", choices=["none", "float16", "int8"], default="none")
+    images.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.98,
+        help="quantised export fails below this top-1 agreement with the float model",
+    )
+    images.add_argument("--image-size", type=int, default=None, help="default: the architecture's native size")
     images.add_argument("--color-mode", choices=["auto", "grayscale", "rgb"], default="auto")
     images.add_argument("--val-split", type=float, default=0.15)
     images.add_argument("--test-split", type=float, default=0.15)
@@ -139,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ev.add_argument("--label-column", default="anomaly")
     ev.set_defaults(func=_evaluate)
+
+    pred = sub.add_parser("predict", help="label image files with a bundle, through the worker's LiteRT path")
+    pred.add_argument("bundle")
+    pred.add_argument("images", nargs="+")
+    pred.set_defaults(func=_predict)
 
     serve = sub.add_parser("serve", help="run the MQTT worker")
     serve.add_argument("--config", help="YAML settings file (environment PLCSENSE_... overrides it)")
@@ -179,9 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     from plcsense.models.bundle import BundleError
     from plcsense.training.data import DataError
 
+    expected: tuple[type[Exception], ...] = (BundleError, DataError, FileExistsError, FileNotFoundError)
+    if args.command == "train":
+        from plcsense.models.backbones import WeightsError
+        from plcsense.training.export import ExportError
+
+        expected += (WeightsError, ExportError)
     try:
         return args.func(args)
-    except (BundleError, DataError, FileExistsError, FileNotFoundError) as exc:
+    except expected as exc:
         print(f"plcsense: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -117,7 +117,9 @@ def prepare(workdir: Path) -> tuple[Path, Path]:
     image_bundle, sensor_bundle = workdir / "bundles" / "digits", workdir / "bundles" / "eeg"
     if not (image_bundle / "manifest.json").exists():
         print("demo: training the digit classifier (scratch CNN)", flush=True)
-        bundle = train_images(digits, image_bundle, ImageTrainConfig(image_size=32, epochs=6, name="digits"))
+        bundle = train_images(
+            digits, image_bundle, ImageTrainConfig(arch="scratch", image_size=32, epochs=6, augment=None, name="digits")
+        )
         print(f"demo: digit classifier test accuracy {bundle.manifest.metrics['test_accuracy']:.3f}", flush=True)
     if not (sensor_bundle / "manifest.json").exists():
         print("demo: training the EEG anomaly detector (autoencoder)", flush=True)

@@ -102,7 +102,11 @@ def image_bundle(image_data: Path) -> Path:
     from plcsense.training.images import ImageTrainConfig, train_images
 
     out = image_data.parent / "bundle"
-    train_images(image_data, out, ImageTrainConfig(image_size=16, epochs=12, batch_size=8, name="parts"))
+    train_images(
+        image_data,
+        out,
+        ImageTrainConfig(arch="scratch", image_size=16, epochs=12, batch_size=8, augment=None, name="parts"),
+    )
     return out
 
 

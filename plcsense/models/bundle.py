@@ -93,6 +93,10 @@ class Manifest(_Strict):
     score: Literal["mean_squared_error"] | None = None
     """How the anomaly score is derived from the model output (per-channel errors)."""
     metrics: dict[str, float] = Field(default_factory=dict)
+    """Held-out figures of the exported model, measured with the LiteRT interpreter."""
+    variants: dict[str, dict[str, float]] = Field(default_factory=dict)
+    """The same figures for every variant measured at export (float32, float16, int8)."""
+    quantization: Literal["none", "float16", "int8"] = "none"
     files: dict[str, str] = Field(default_factory=dict)
     """sha256 of every file in the bundle except the manifest itself."""
     golden_atol: float = 1e-4

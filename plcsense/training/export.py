@@ -1,12 +1,14 @@
-"""Export a trained Keras model as a verified model bundle (LiteRT model, golden samples, manifest)."""
+"""Export a trained Keras model as a verified model bundle (LiteRT model, golden samples, manifest, report)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import keras
 import numpy as np
@@ -16,12 +18,45 @@ from plcsense.models.bundle import GOLDEN_FILE, MODEL_FILE, Bundle, Manifest, lo
 from plcsense.models.runtime import LiteRTModel
 
 GOLDEN_SAMPLES = 3
+REPRESENTATIVE_SAMPLES = 200
+
+Quantize = Literal["none", "float16", "int8"]
 
 
-def to_tflite(model: keras.Model) -> bytes:
-    """Convert to a float32 LiteRT flatbuffer with a resizable batch dimension."""
+class ExportError(RuntimeError):
+    """An export that must not ship, e.g. a quantised model that disagrees with the float one."""
+
+
+@dataclass
+class Quantization:
+    mode: Quantize = "none"
+    representative: np.ndarray | None = None
+    """Training inputs that calibrate int8 ranges (full-integer quantisation)."""
+    min_agreement: float = 0.98
+    """Fraction of held-out inputs where the quantised model's top-1 must equal the float model's."""
+
+
+def to_tflite(model: keras.Model, quantization: Quantization | None = None) -> bytes:
+    """Convert to a LiteRT flatbuffer with float32 input/output and a resizable batch dimension."""
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    q = quantization or Quantization()
+    if q.mode == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif q.mode == "int8":
+        if q.representative is None or not len(q.representative):
+            raise ExportError("int8 quantisation needs representative training data")
+        samples = q.representative[:REPRESENTATIVE_SAMPLES].astype(np.float32)
+
+        def representative() -> Iterator[list[np.ndarray]]:
+            for sample in samples:
+                yield [sample[None]]
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     with contextlib.redirect_stdout(io.StringIO()):  # Keras prints the whole SavedModel signature otherwise
-        return tf.lite.TFLiteConverter.from_keras_model(model).convert()
+        return converter.convert()
 
 
 def check_output_dir(out: Path) -> None:
@@ -30,28 +65,61 @@ def check_output_dir(out: Path) -> None:
         raise FileExistsError(f"{out} exists and is not a model bundle; choose another --out")
 
 
+def _top1_agreement(a: LiteRTModel, b: LiteRTModel, inputs: np.ndarray) -> float:
+    from plcsense.training.evaluate import predict_all
+
+    return float(np.mean(predict_all(a, inputs).argmax(axis=1) == predict_all(b, inputs).argmax(axis=1)))
+
+
 def export_bundle(
     out: Path,
     model: keras.Model,
     manifest: Manifest,
     golden_inputs: np.ndarray,
     score: Callable[[LiteRTModel], dict[str, float]],
+    *,
+    quantization: Quantization | None = None,
+    report: Callable[[LiteRTModel, Path], None] | None = None,
 ) -> Bundle:
     """Write the bundle to ``out`` atomically and load it back through the same checks the worker runs.
 
-    ``score`` measures the exported LiteRT model (not the Keras one) on held-out data; its figures go into
-    the manifest, so the numbers a user reads are those of the model the worker will run.
+    ``score`` measures a LiteRT model (not the Keras one) on held-out data; the figures of the exported variant
+    go into the manifest's metrics, those of every variant into ``variants``, so the numbers a user reads are
+    those of the model the worker runs. A quantised variant whose top-1 agrees with the float model on fewer
+    than ``min_agreement`` of the held-out inputs (``golden_inputs``) is refused. ``report`` may write files into
+    ``report/`` of the bundle.
     """
     out = Path(out)
     check_output_dir(out)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    q = quantization or Quantization()
     (staging / MODEL_FILE).write_bytes(to_tflite(model))
     lite = LiteRTModel(staging / MODEL_FILE)
-    manifest.metrics.update(score(lite))
+    float_scores = score(lite)
+    manifest.variants = {"float32": float_scores}
+    if q.mode != "none":
+        candidate = staging / f"model.{q.mode}.tflite"
+        candidate.write_bytes(to_tflite(model, q))
+        quantised = LiteRTModel(candidate)
+        agreement = _top1_agreement(lite, quantised, golden_inputs.astype(np.float32))
+        manifest.variants[q.mode] = {**score(quantised), "top1_agreement": agreement}
+        if agreement < q.min_agreement:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ExportError(
+                f"{q.mode} model agrees with the float model on {agreement:.1%} of held-out inputs, below the "
+                f"required {q.min_agreement:.1%}; export with --quantize none or float16, or give more training data"
+            )
+        candidate.replace(staging / MODEL_FILE)
+        lite = LiteRTModel(staging / MODEL_FILE)
+    manifest.quantization = q.mode
+    manifest.metrics.update(manifest.variants[q.mode if q.mode != "none" else "float32"])
     inputs = golden_inputs[:GOLDEN_SAMPLES].astype(np.float32)
     np.savez(staging / GOLDEN_FILE, inputs=inputs, outputs=lite.predict(inputs))
+    if report is not None:
+        (staging / "report").mkdir()
+        report(lite, staging / "report")
     model.save(staging / "model.keras")
     write_manifest(staging, manifest)
     if out.exists():

@@ -1,33 +1,64 @@
-"""``plcsense train images``: a classifier from a folder of labelled photos."""
+"""``plcsense train images``: a classifier from a folder of labelled photos.
+
+Transfer learning in two phases, as in Keras' own guide: first a new head on the frozen ImageNet backbone,
+then the top ``fine_tune_layers`` of the backbone unfrozen at a much lower learning rate, BatchNorm kept in
+inference mode. Augmentation, class weights, early stopping with the best weights restored, learning-rate
+decay on plateaus, optional TensorBoard logs; Ctrl-C ends training and exports the best model so far.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 from PIL import Image
 
 from plcsense.models.bundle import Bundle, ImageSpec, new_manifest
 from plcsense.training.data import IMAGE_SUFFIXES, DataError, ImageSet, class_folders, load_image_folder
-from plcsense.training.evaluate import classification_scores
-from plcsense.training.export import check_output_dir, export_bundle
+from plcsense.training.evaluate import classification_scores, predict_all
+from plcsense.training.export import Quantization, Quantize, check_output_dir, export_bundle
 from plcsense.training.splits import split_indices
 
 log = logging.getLogger("plcsense.training")
 
 
 @dataclass
+class Augment:
+    flip: bool = True
+    rotation: float = 0.05
+    zoom: float = 0.1
+    translation: float = 0.05
+    contrast: float = 0.1
+    brightness: float = 0.1
+
+
+@dataclass
 class ImageTrainConfig:
-    image_size: int = 128
-    color_mode: str = "auto"  # auto | grayscale | rgb
+    arch: str = "mobilenet_v2"
+    weights: str | None = "imagenet"
+    """``imagenet`` (Keras download), None (random init) or a local ``.h5`` path."""
+    image_size: int | None = None
+    """Default: the architecture's native size (224, 299 for Inception), 128 for the scratch CNN."""
+    color_mode: Literal["auto", "grayscale", "rgb"] = "auto"
     epochs: int = 30
+    fine_tune_epochs: int = 10
+    fine_tune_layers: int = 30
     batch_size: int = 32
     learning_rate: float = 1e-3
+    fine_tune_learning_rate: float = 1e-5
     seed: int = 42
     val_split: float = 0.15
     test_split: float = 0.15
     patience: int = 5
+    augment: Augment | None = field(default_factory=Augment)
+    class_weights: bool = True
+    tensorboard: Path | None = None
+    quantize: Quantize = "none"
+    min_agreement: float = 0.98
     name: str | None = None
     version: str = "1"
 
@@ -45,60 +76,195 @@ def detect_color_mode(root: Path) -> str:
     return "grayscale"
 
 
+@dataclass
+class Splits:
+    classes: list[str]
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray]
+
+
+def load_splits(data_dir: Path, spec: ImageSpec, cfg: ImageTrainConfig) -> Splits:
+    """Explicit ``train/``, ``val/``, ``test/`` sub-folders when present, else a seeded stratified split."""
+    if (data_dir / "train").is_dir():
+        train = load_image_folder(data_dir / "train", spec)
+        parts = {
+            name: load_image_folder(data_dir / name, spec, classes=train.classes)
+            for name in ("val", "test")
+            if (data_dir / name).is_dir()
+        }
+        missing = [n for n in ("val", "test") if n not in parts]
+        fractions = {
+            "val": cfg.val_split if "val" in missing else 0,
+            "test": cfg.test_split if "test" in missing else 0,
+        }
+        tr, va, te = split_indices(train.labels, fractions["val"], fractions["test"], cfg.seed)
+        pick = {"val": va, "test": te}
+
+        def part(name: str) -> tuple[np.ndarray, np.ndarray]:
+            if name in parts:
+                return parts[name].images, parts[name].labels
+            return train.images[pick[name]], train.labels[pick[name]]
+
+        return Splits(train.classes, (train.images[tr], train.labels[tr]), part("val"), part("test"))
+    data: ImageSet = load_image_folder(data_dir, spec)
+    tr, va, te = split_indices(data.labels, cfg.val_split, cfg.test_split, cfg.seed)
+    return Splits(data.classes, *((data.images[i], data.labels[i]) for i in (tr, va, te)))
+
+
+def _fit(model, train, val, epochs: int, callbacks: list, class_weight, batch_size: int) -> dict[str, list[float]]:
+    """One training phase; Ctrl-C ends it and keeps the best weights seen so far."""
+    early = next(c for c in callbacks if type(c).__name__ == "EarlyStopping")
+    try:
+        history = model.fit(
+            train[0],
+            train[1],
+            validation_data=val,
+            epochs=epochs,
+            batch_size=batch_size,
+            callbacks=callbacks,
+            class_weight=class_weight,
+            verbose=1 if sys.stdout.isatty() else 2,
+        )
+        return history.history
+    except KeyboardInterrupt:
+        if early.best_weights is not None:
+            model.set_weights(early.best_weights)
+        log.warning("training interrupted: exporting the best model so far")
+        raise
+
+
 def train_images(data_dir: Path, out: Path, cfg: ImageTrainConfig) -> Bundle:
     import keras
 
-    from plcsense.models.architectures import scratch_cnn
+    from plcsense.models.backbones import augmentation, classifier, default_image_size, unfreeze_top
+    from plcsense.training.report import classification_report_files
 
     check_output_dir(out)
-    mode = detect_color_mode(data_dir) if cfg.color_mode == "auto" else cfg.color_mode
-    spec = ImageSpec(
-        height=cfg.image_size, width=cfg.image_size, channels=1 if mode == "grayscale" else 3, color_mode=mode
-    )
-    data: ImageSet = load_image_folder(data_dir, spec)
-    if len(data.classes) < 2:
-        raise DataError(f"{data_dir} has one class folder ({data.classes[0]}); a classifier needs at least two")
-    train, val, test = split_indices(data.labels, cfg.val_split, cfg.test_split, cfg.seed)
+    size = cfg.image_size or default_image_size(cfg.arch)
+    if cfg.arch != "scratch":
+        mode = "rgb"  # ImageNet backbones take RGB; greyscale photos are replicated into three channels
+    else:
+        mode = detect_color_mode(data_dir / "train" if (data_dir / "train").is_dir() else data_dir)
+        mode = mode if cfg.color_mode == "auto" else cfg.color_mode
+    spec = ImageSpec(height=size, width=size, channels=1 if mode == "grayscale" else 3, color_mode=mode)
+    splits = load_splits(data_dir, spec, cfg)
+    if len(splits.classes) < 2:
+        raise DataError(f"{data_dir} has one class folder ({splits.classes[0]}); a classifier needs at least two")
+    if not len(splits.val[1]):
+        raise DataError("no validation images; raise --val-split or add a val/ folder")
     log.info(
-        "%d images, %d classes (%s), %s; split %d/%d/%d",
-        len(data.labels),
-        len(data.classes),
-        ", ".join(data.classes),
+        "%d classes (%s), %s %dx%d; %d train / %d val / %d test images; %s",
+        len(splits.classes),
+        ", ".join(splits.classes),
         mode,
-        len(train),
-        len(val),
-        len(test),
+        size,
+        size,
+        len(splits.train[1]),
+        len(splits.val[1]),
+        len(splits.test[1]),
+        cfg.arch,
     )
 
     keras.utils.set_random_seed(cfg.seed)
-    model = scratch_cnn(spec.shape, len(data.classes))
-    model.compile(
-        optimizer=keras.optimizers.Adam(cfg.learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    model.fit(
-        data.images[train],
-        data.labels[train],
-        validation_data=(data.images[val], data.labels[val]),
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        verbose=2,
-        callbacks=[keras.callbacks.EarlyStopping(patience=cfg.patience, restore_best_weights=True)],
-    )
+    weights = None if cfg.weights in (None, "none") else cfg.weights
+    net = classifier(cfg.arch, spec.shape, len(splits.classes), weights=weights)
+    trainer = net.model
+    if cfg.augment is not None:
+        aug = augmentation(**vars(cfg.augment), seed=cfg.seed)
+        inputs = keras.Input(spec.shape)
+        trainer = keras.Model(inputs, net.model(aug(inputs)))
+    class_weight = None
+    if cfg.class_weights:
+        from sklearn.utils.class_weight import compute_class_weight
+
+        present = np.unique(splits.train[1])
+        balanced = compute_class_weight("balanced", classes=present, y=splits.train[1])
+        class_weight = {int(c): float(w) for c, w in zip(present, balanced, strict=True)}
+
+    def callbacks() -> list:
+        cbs = [
+            keras.callbacks.EarlyStopping(patience=cfg.patience, restore_best_weights=True),
+            keras.callbacks.ReduceLROnPlateau(factor=0.3, patience=max(1, cfg.patience // 2), min_lr=1e-7),
+        ]
+        if cfg.tensorboard:
+            cbs.append(keras.callbacks.TensorBoard(log_dir=str(cfg.tensorboard)))
+        return cbs
+
+    def compile_(model: keras.Model, learning_rate: float) -> keras.Model:
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+        )
+        return model
+
+    def fit(model: keras.Model, train: tuple, val: tuple, epochs: int) -> dict[str, list[float]]:
+        return _fit(model, train, val, epochs, callbacks(), class_weight, cfg.batch_size)
+
+    history: dict[str, list[float]] = {}
+    interrupted = False
+    try:
+        if net.backbone is None:
+            history = fit(compile_(trainer, cfg.learning_rate), splits.train, splits.val, cfg.epochs)
+        else:
+            # Phase 1, the head on the frozen backbone: its features are computed once and cached, which makes
+            # this phase seconds instead of minutes on a CPU (augmentation waits for phase 2 for that reason).
+            log.info("computing %s features of %d images once", cfg.arch, len(splits.train[1]) + len(splits.val[1]))
+            cached_train = (
+                net.features.predict(splits.train[0], batch_size=cfg.batch_size, verbose=0),
+                splits.train[1],
+            )
+            cached_val = (net.features.predict(splits.val[0], batch_size=cfg.batch_size, verbose=0), splits.val[1])
+            history = fit(compile_(net.head, cfg.learning_rate), cached_train, cached_val, cfg.epochs)
+            if cfg.fine_tune_layers > 0 and cfg.fine_tune_epochs > 0:
+                best_head = (min(history["val_loss"]), net.model.get_weights())
+                unfrozen = unfreeze_top(net.backbone, cfg.fine_tune_layers)
+                log.info(
+                    "phase 2: fine-tuning the top %d layers of %s (%d trainable, BatchNorm frozen) at lr %g",
+                    cfg.fine_tune_layers,
+                    cfg.arch,
+                    unfrozen,
+                    cfg.fine_tune_learning_rate,
+                )
+                tuned = fit(
+                    compile_(trainer, cfg.fine_tune_learning_rate), splits.train, splits.val, cfg.fine_tune_epochs
+                )
+                boundary = len(history["loss"])
+                history = {k: history[k] + tuned.get(k, []) for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
+                history["phase_boundary"] = [boundary]
+                if min(tuned["val_loss"]) > best_head[0]:
+                    log.info("fine-tuning did not beat the head alone on validation loss; keeping the head weights")
+                    net.model.set_weights(best_head[1])
+    except KeyboardInterrupt:
+        interrupted = True
+
     manifest = new_manifest(
         name=cfg.name or data_dir.resolve().name,
         version=cfg.version,
         task="classification",
         input=spec,
-        labels=data.classes,
+        labels=splits.classes,
     )
-    manifest.metrics.update({"train_samples": len(train), "val_samples": len(val), "test_samples": len(test)})
+    held_out = splits.test if len(splits.test[1]) else splits.val
+    manifest.metrics.update(
+        {"train_samples": len(splits.train[1]), "val_samples": len(splits.val[1]), "test_samples": len(splits.test[1])}
+    )
+    if interrupted:
+        manifest.metrics["interrupted"] = 1.0
 
     def score(lite) -> dict[str, float]:
-        held_out = test if len(test) else val
-        scores = classification_scores(lite.predict(data.images[held_out]), data.labels[held_out])
+        scores = classification_scores(predict_all(lite, held_out[0]), held_out[1])
         return {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"]}
 
-    golden = data.images[test if len(test) else val]
-    return export_bundle(out, model, manifest, golden, score)
+    def report(lite, folder: Path) -> None:
+        probabilities = predict_all(lite, held_out[0])
+        classification_report_files(
+            folder,
+            probabilities,
+            held_out[1],
+            splits.classes,
+            images=held_out[0],
+            history={k: [float(v) for v in vs] for k, vs in history.items()},
+        )
+
+    quantization = Quantization(cfg.quantize, splits.train[0], cfg.min_agreement)
+    return export_bundle(out, net.model, manifest, held_out[0], score, quantization=quantization, report=report)

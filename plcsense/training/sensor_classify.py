@@ -130,6 +130,7 @@ def cnn1d(
     filters: tuple[int, ...] = (64, 128, 64),
     kernels: tuple[int, ...] = (7, 5, 3),
     dropout: float = 0.3,
+    hidden: int = 0,
 ) -> keras.Model:
     """A fully convolutional 1-D classifier on raw (window, channels) readings.
 
@@ -147,6 +148,8 @@ def cnn1d(
         x = layers.BatchNormalization(name=f"bn{i + 1}")(x)
         x = layers.Activation("relu", name=f"relu{i + 1}")(x)
     x = layers.GlobalAveragePooling1D(name="pool")(x)
+    if hidden:
+        x = layers.Dense(hidden, activation="relu", name="hidden")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="cnn1d")

@@ -1,0 +1,256 @@
+"""Image classifier training: backbones, freezing, weights files, quantised export, reports, parity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from plcsense.cli import ARCHS
+from plcsense.models.backbones import BACKBONES, WeightsError, build_backbone, classifier, unfreeze_top
+from plcsense.models.bundle import load_bundle
+from plcsense.training.export import ExportError
+from plcsense.training.images import ImageTrainConfig, train_images
+from plcsense.worker.decoding import decode
+from tests.conftest import SHARED_DATA, write_image_folder
+
+WEIGHTS = SHARED_DATA.parent / "weights" / "mobilenet_v2_1.0_224_no_top.h5"
+NEU = SHARED_DATA / "neu-det"
+needs_weights = pytest.mark.skipif(not WEIGHTS.is_file(), reason="needs ../shared/weights (present in CI)")
+
+
+def test_cli_lists_every_backbone():
+    assert set(ARCHS) == {"scratch", *BACKBONES}
+
+
+@pytest.mark.parametrize("arch", sorted(BACKBONES))
+def test_each_arch_builds_and_starts_frozen(arch):
+    size = BACKBONES[arch].min_size
+    net = classifier(arch, (size, size, 3), 4, weights=None)
+    assert net.model.output_shape == (None, 4)
+    out = net.model.predict(np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)), verbose=0)
+    assert out.shape == (2, 4) and np.allclose(out.sum(axis=1), 1, atol=1e-5)
+    assert not net.backbone.trainable and net.backbone.trainable_weights == []
+    head_weights = {id(w) for w in net.head.trainable_weights}
+    assert {id(w) for w in net.model.trainable_weights} == head_weights
+
+
+def test_unfreeze_top_keeps_batchnorm_frozen():
+    net = classifier("mobilenet_v2", (32, 32, 3), 3, weights=None)
+    n = 20
+    unfreeze_top(net.backbone, n)
+    layers_ = net.backbone.layers
+    assert not any(layer.trainable for layer in layers_[:-n])
+    top = layers_[-n:]
+    assert all(layer.trainable != isinstance(layer, keras.layers.BatchNormalization) for layer in top)
+    assert any(isinstance(layer, keras.layers.BatchNormalization) for layer in top)
+
+
+@needs_weights
+def test_local_weights_file_loads_and_mismatch_is_explained():
+    a = build_backbone("mobilenet_v2", (96, 96, 3), str(WEIGHTS))
+    b = build_backbone("mobilenet_v2", (96, 96, 3), None)
+    first = a.get_layer("Conv1").get_weights()[0]
+    assert not np.allclose(first, b.get_layer("Conv1").get_weights()[0])
+    # a known property of the ImageNet weights, not of a random init: the stem has real structure
+    assert abs(float(first.mean())) < 1 and float(first.std()) > 0.05
+    with pytest.raises(WeightsError, match="does not fit mobilenet_v3_small"):
+        build_backbone("mobilenet_v3_small", (96, 96, 3), str(WEIGHTS))
+    with pytest.raises(WeightsError, match="not found"):
+        build_backbone("mobilenet_v2", (96, 96, 3), "/nonexistent/weights.h5")
+    with pytest.raises(WeightsError, match="at least 75 px"):
+        build_backbone("inception_v3", (64, 64, 3), None)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("parts")
+    for split, n, seed in (("train", 24, 0), ("val", 6, 1), ("test", 6, 2)):
+        write_image_folder(root / split, per_class=n, seed=seed)
+    return root
+
+
+@pytest.fixture(scope="module")
+def scratch_int8(parts, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("b") / "bundle"
+    cfg = ImageTrainConfig(
+        arch="scratch", image_size=16, epochs=12, batch_size=8, augment=None, quantize="int8", name="parts"
+    )
+    train_images(parts, out, cfg)
+    return out
+
+
+def test_explicit_splits_quantised_export_and_report(scratch_int8):
+    bundle = load_bundle(scratch_int8)
+    m = bundle.manifest
+    assert m.metrics["test_samples"] == 18 and m.metrics["train_samples"] == 72 and m.metrics["val_samples"] == 18
+    assert m.quantization == "int8" and set(m.variants) == {"float32", "int8"}
+    assert m.variants["int8"]["top1_agreement"] >= 0.98
+    assert m.metrics["test_accuracy"] == m.variants["int8"]["test_accuracy"]
+    report = scratch_int8 / "report"
+    for name in (
+        "metrics.json",
+        "confusion_matrix.json",
+        "confusion_matrix.png",
+        "training_curves.png",
+        "misclassified.png",
+    ):
+        assert (report / name).stat().st_size > 0, name
+    matrix = json.loads((report / "confusion_matrix.json").read_text())
+    assert matrix["labels"] == ["bright", "dark", "striped"] and sum(map(sum, matrix["matrix"])) == 18
+    per_class = json.loads((report / "metrics.json").read_text())
+    assert {"precision", "recall", "f1-score"} <= set(per_class["dark"])
+    assert "report/confusion_matrix.png" in m.files  # the report is covered by the checksums too
+
+
+def test_keras_and_worker_agree_on_top1(scratch_int8, parts):
+    """The Keras model on images loaded the Keras way, and the worker's decode + LiteRT path, give one answer."""
+    bundle = load_bundle(scratch_int8)
+    model = keras.saving.load_model(scratch_int8 / "model.keras")
+    files = sorted((parts / "test").glob("*/*.png"))
+    spec = bundle.manifest.input
+    keras_images = np.stack(
+        [
+            keras.utils.img_to_array(
+                keras.utils.load_img(f, color_mode="grayscale", target_size=(16, 16), interpolation="bilinear")
+            )
+            for f in files
+        ]
+    )
+    keras_top1 = model.predict(keras_images, verbose=0).argmax(axis=1)
+    worker_inputs = np.stack([decode(f.read_bytes(), "image", bundle.manifest).array for f in files])
+    assert worker_inputs.shape[1:] == spec.shape
+    worker_top1 = bundle.model.predict(worker_inputs).argmax(axis=1)
+    assert (keras_top1 == worker_top1).mean() >= 0.99
+
+
+def test_failed_quantisation_parity_fails_loudly(parts, tmp_path):
+    cfg = ImageTrainConfig(
+        arch="scratch", image_size=16, epochs=1, batch_size=8, augment=None, quantize="int8", min_agreement=1.01
+    )
+    with pytest.raises(ExportError, match="agrees with the float model"):
+        train_images(parts, tmp_path / "b", cfg)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
+
+
+def test_transfer_learning_two_phases_on_greyscale(parts, tmp_path):
+    """Grey images into an RGB backbone, head phase then fine-tuning, augmentation and TensorBoard on."""
+    out = tmp_path / "b"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "plcsense",
+            "train",
+            "images",
+            str(parts),
+            "--arch",
+            "mobilenet_v3_small",
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+            "--epochs",
+            "2",
+            "--fine-tune-epochs",
+            "1",
+            "--fine-tune-layers",
+            "10",
+            "--batch-size",
+            "16",
+            "--tensorboard",
+            str(tmp_path / "tb"),
+            "--quantize",
+            "float16",
+            "--min-agreement",
+            "0",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "phase 2: fine-tuning the top 10 layers" in proc.stderr
+    m = load_bundle(out).manifest
+    assert m.input.color_mode == "rgb" and m.input.channels == 3 and m.quantization == "float16"
+    assert any((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    predicted = subprocess.run(
+        [sys.executable, "-m", "plcsense", "predict", str(out), str(parts / "test" / "dark" / "000.png")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert predicted.returncode == 0
+    _, label, score = predicted.stdout.strip().split("\t")
+    assert label in m.labels and 0 <= float(score) <= 1
+
+
+def test_corrupt_and_odd_images_are_handled(tmp_path):
+    data = tmp_path / "mixed"
+    write_image_folder(data, per_class=8)
+    (data / "dark" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    (data / "bright" / "empty.png").write_bytes(b"")
+    from PIL import Image
+
+    Image.new("RGB", (50, 31), (250, 250, 250)).save(data / "bright" / "rgb_odd_size.png")
+    Image.new("RGBA", (20, 20), (10, 10, 10, 255)).save(data / "dark" / "rgba.png")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "plcsense",
+            "train",
+            "images",
+            str(data),
+            "--arch",
+            "scratch",
+            "--no-augment",
+            "--image-size",
+            "16",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "b"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipped 2 unreadable images" in proc.stderr
+    assert "corrupt.jpg" in proc.stderr and "empty.png" in proc.stderr
+    assert load_bundle(tmp_path / "b").manifest.input.color_mode == "rgb"  # one colour image: RGB for all
+
+
+@pytest.mark.skipif(not NEU.is_dir(), reason="needs ../shared/data/neu-det (present in CI)")
+@needs_weights
+def test_neu_subsample_with_imagenet_weights(tmp_path):
+    """A few dozen real steel-defect images: pretrained features separate them after a short head phase."""
+    for cls in sorted(p.name for p in NEU.iterdir())[:3]:
+        for split, files in (("train", range(1, 21)), ("test", range(21, 31))):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in files:
+                shutil.copy(NEU / cls / f"{cls}_{i}.jpg", tmp_path / split / cls)
+    cfg = ImageTrainConfig(
+        arch="mobilenet_v2",
+        weights=str(WEIGHTS),
+        image_size=96,
+        epochs=15,
+        fine_tune_epochs=0,
+        augment=None,
+        val_split=0.2,
+        name="neu",
+    )
+    train_images(tmp_path, tmp_path / "b", cfg)
+    from plcsense.training.evaluate import evaluate
+
+    scores = evaluate(load_bundle(tmp_path / "b"), tmp_path / "test")
+    assert scores["n"] == 30 and scores["accuracy"] >= 0.9
