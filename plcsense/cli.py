@@ -47,6 +47,7 @@ def _train(args: argparse.Namespace) -> int:
         from plcsense.training.sensors import SensorTrainConfig, train_sensor_anomaly
 
         cfg = SensorTrainConfig(
+            detector=args.detector,
             window=args.window,
             columns=args.columns.split(",") if args.columns else None,
             label_column=args.label_column,
@@ -188,7 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--val-split", type=float, default=0.15)
     images.add_argument("--test-split", type=float, default=0.15)
     sensors = train.add_argument_group("sensors")
-    sensors.add_argument("--window", type=int, default=30, help="readings per window")
+    sensors.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="readings per window (default 34 for the ar detector, 30 for the autoencoder)",
+    )
+    sensors.add_argument(
+        "--detector",
+        choices=["ar", "autoencoder"],
+        default="ar",
+        help="anomaly detector: ar (per-channel autoregressive innovations, default) or autoencoder",
+    )
     sensors.add_argument("--columns", help="comma-separated channel columns (default: every numeric column)")
     sensors.add_argument(
         "--label-column",

@@ -122,8 +122,8 @@ def prepare(workdir: Path) -> tuple[Path, Path]:
         )
         print(f"demo: digit classifier test accuracy {bundle.manifest.metrics['test_accuracy']:.3f}", flush=True)
     if not (sensor_bundle / "manifest.json").exists():
-        print("demo: training the EEG anomaly detector (autoencoder)", flush=True)
-        train_sensor_anomaly([eeg], sensor_bundle, SensorTrainConfig(window=20, epochs=30, name="eeg"))
+        print("demo: fitting the EEG anomaly detector", flush=True)
+        train_sensor_anomaly([eeg], sensor_bundle, SensorTrainConfig(name="eeg"))
     return digits, eeg
 
 

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.broker import Broker, free_port, mosquitto_available, start_broker
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WINDOW = 20  # readings per window of the tiny sensor bundle
 
 requires_mosquitto = pytest.mark.skipif(
     not mosquitto_available(), reason="needs the mosquitto binary (apt-get install mosquitto)"
@@ -86,7 +87,7 @@ def sensor_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("sensor")
     write_sensor_csv(root / "normal.csv")
     out = root / "bundle"
-    train_sensor_anomaly([root / "normal.csv"], out, SensorTrainConfig(window=10, epochs=3, name="pump"))
+    train_sensor_anomaly([root / "normal.csv"], out, SensorTrainConfig(window=WINDOW, name="pump"))
     return out
 
 

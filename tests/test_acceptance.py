@@ -82,7 +82,7 @@ from plcsense.models.bundle import load_bundle
 from plcsense.worker.decoding import decode
 import plcsense.cli, plcsense.simulate, plcsense.worker.main
 b = load_bundle({str(sensor_bundle)!r}); load_bundle({str(image_bundle)!r})
-b.model.predict(np.zeros((2, 10, 3), np.float32))
+b.model.predict(np.zeros((2, b.manifest.input.window, 3), np.float32))
 decode(b"[1, 2, 3]", "json", b.manifest)
 bad = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "sklearn", "matplotlib"))
 print(bad)

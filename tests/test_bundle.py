@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from plcsense.models.bundle import BundleError, load_bundle, read_manifest, write_manifest
+from tests.conftest import WINDOW
 
 
 @pytest.fixture
@@ -33,10 +34,10 @@ def edit_manifest(path: Path, **changes: object) -> None:
 def test_good_bundle_loads_and_predicts(sensor_bundle):
     bundle = load_bundle(sensor_bundle)
     m = bundle.manifest
-    assert m.task == "anomaly" and m.input.window == 10 and m.threshold > 0
+    assert m.task == "anomaly" and m.input.window == WINDOW and m.threshold > 0
     assert set(m.files) == {"model.tflite", "golden.npz", "model.keras"}
     assert m.input.channels == ["vibration", "current", "pressure"]
-    out = bundle.model.predict(np.zeros((5, 10, 3), np.float32))
+    out = bundle.model.predict(np.zeros((5, WINDOW, 3), np.float32))
     assert out.shape == (5, 3) and np.all(np.isfinite(out))
 
 
@@ -71,7 +72,7 @@ def test_unknown_schema_version(bundle_copy):
 
 def test_spec_that_does_not_match_the_model(bundle_copy):
     manifest = read_manifest(bundle_copy)
-    manifest.input.window = 12
+    manifest.input.window = WINDOW + 2
     write_manifest(bundle_copy, manifest)
     with pytest.raises(BundleError) as exc:
         load_bundle(bundle_copy)

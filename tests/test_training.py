@@ -27,7 +27,9 @@ def test_train_and_evaluate_sensors_cli(tmp_path):
         "--task",
         "anomaly",
         "--window",
-        "12",
+        "24",
+        "--detector",
+        "autoencoder",
         "--epochs",
         "3",
         "--out",
@@ -36,7 +38,7 @@ def test_train_and_evaluate_sensors_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     manifest = load_bundle(out).manifest
     assert manifest.input.channels == ["vibration", "current", "pressure"]  # timestamp column left out
-    assert manifest.input.window == 12
+    assert manifest.input.window == 24
 
     # labelled data with an injected fault: evaluate reports f1/precision/recall from the LiteRT model
     lines = (tmp_path / "comma.csv").read_text().splitlines()
@@ -51,7 +53,7 @@ def test_train_and_evaluate_sensors_cli(tmp_path):
     proc = plcsense("evaluate", str(out), str(tmp_path / "labelled.csv"), "--json")
     assert proc.returncode == 0, proc.stderr
     scores = json.loads(proc.stdout)
-    assert scores["n"] == 300 - 11
+    assert scores["n"] == 300 - 23
     assert {"f1", "precision", "recall"} <= set(scores)
     assert scores["recall"] > 0.8 and scores["precision"] > 0.5
 
@@ -62,7 +64,20 @@ def test_train_and_evaluate_images_cli(tmp_path):
     (data / "dark" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "bundle"
     proc = plcsense(
-        "train", "images", str(data), "--image-size", "16", "--epochs", "12", "--batch-size", "8", "--out", str(out)
+        "train",
+        "images",
+        str(data),
+        "--arch",
+        "scratch",
+        "--no-augment",
+        "--image-size",
+        "16",
+        "--epochs",
+        "12",
+        "--batch-size",
+        "8",
+        "--out",
+        str(out),
     )
     assert proc.returncode == 0, proc.stderr
     assert "broken.png" in proc.stderr  # corrupt files are skipped and named

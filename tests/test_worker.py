@@ -12,7 +12,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.conftest import Collector, mqtt_client, publish_all
+from tests.conftest import WINDOW, Collector, mqtt_client, publish_all
 
 
 def sensor_route(bundle: Path, **extra: object) -> dict:
@@ -36,25 +36,26 @@ def test_sensor_readings_round_trip(broker, sensor_bundle, run_worker, collector
     payloads = [json.dumps({"data": r, "id": f"r{i}", "ts": 1000 + i}) for i, r in enumerate(rows)]
     publish_all(broker, "plant/p7/pump", payloads, protocol=protocol)
 
-    results = out.wait_for(31, "/result")  # window 10: results from the 10th reading on
-    assert len(results) == 31
-    assert [r["id"] for r in results] == [f"r{i}" for i in range(9, 40)]
+    expected = 40 - WINDOW + 1  # a result for every reading from the one that fills the window
+    results = out.wait_for(expected, "/result")
+    assert len(results) == expected
+    assert [r["id"] for r in results] == [f"r{i}" for i in range(WINDOW - 1, 40)]
     first = results[0]
     assert first["topic"] == "plant/p7/pump"
     assert first["model"] == {"name": "pump", "version": "1"}
     assert first["task"] == "anomaly"
-    assert first["ts"] == 1009
+    assert first["ts"] == 1000 + WINDOW - 1
     assert isinstance(first["is_anomaly"], bool) and first["threshold"] > 0
     assert set(first["channels"]) == {"vibration", "current", "pressure"}
     assert not any(r["is_anomaly"] for r in results), "normal readings like the training data are not anomalies"
     assert worker.metric("plcsense_messages_total", route="pump") == 40
-    assert worker.metric("plcsense_results_total", route="pump") == 31
+    assert worker.metric("plcsense_results_total", route="pump") == expected
     assert worker.metric("plcsense_mqtt_connected") == 1
     assert worker.metric("plcsense_inflight_messages") == 0
 
     # A reading far outside normal operation is flagged, and the deviating channel is named.
     publish_all(broker, "plant/p7/pump", [json.dumps([0.5, 1.0, 60.0])], protocol=protocol)
-    flagged = out.wait_for(32, "/result")[-1]
+    flagged = out.wait_for(expected + 1, "/result")[-1]
     assert flagged["is_anomaly"] is True
     assert max(flagged["channels"], key=flagged["channels"].get) == "pressure"
     assert worker.metric("plcsense_anomalies_total", route="pump") >= 1
@@ -64,12 +65,13 @@ def test_sliding_windows_are_per_device(broker, sensor_bundle, run_worker, colle
     run_worker(broker, [sensor_route(sensor_bundle)])
     out = Collector(broker, "plant/+/pump/result")
     collectors.append(out)
-    rows = readings(12)
-    publish_all(broker, "plant/a/pump", [json.dumps(r) for r in rows[:6]])
-    publish_all(broker, "plant/b/pump", [json.dumps(r) for r in rows[:6]])
+    rows = readings(WINDOW + 2)
+    half = WINDOW // 2 + 1
+    publish_all(broker, "plant/a/pump", [json.dumps(r) for r in rows[:half]])
+    publish_all(broker, "plant/b/pump", [json.dumps(r) for r in rows[:half]])
     time.sleep(0.5)
-    assert out.json() == [], "neither device has a full window of 10 readings yet"
-    publish_all(broker, "plant/a/pump", [json.dumps(r) for r in rows[6:12]])
+    assert out.json() == [], "neither device has a full window yet, though together they have more readings"
+    publish_all(broker, "plant/a/pump", [json.dumps(r) for r in rows[half:]])
     results = out.wait_for(3)
     assert [r["topic"] for r in results] == ["plant/a/pump"] * 3
 
@@ -79,7 +81,7 @@ def test_full_window_tensor_as_npy(broker, sensor_bundle, run_worker, collectors
     out = Collector(broker, "plant/#")
     collectors.append(out)
     buffer = io.BytesIO()
-    np.save(buffer, np.asarray(readings(10), dtype=np.float32))
+    np.save(buffer, np.asarray(readings(WINDOW), dtype=np.float32))
     publish_all(broker, "plant/x/pump", [buffer.getvalue()])
     [result] = out.wait_for(1, "/result")
     assert result["task"] == "anomaly" and result["id"] is None
@@ -131,9 +133,9 @@ def test_bad_inputs_answered_with_errors(broker, sensor_bundle, image_bundle, ru
     assert all(e["detail"] for e in errors)
 
     # still serving after all that
-    publish_all(broker, "plant/p1/pump", [json.dumps(r) for r in readings(10)])
+    publish_all(broker, "plant/p1/pump", [json.dumps(r) for r in readings(WINDOW)])
     assert len(out.wait_for(1, "/result")) == 1
-    assert worker.metric("plcsense_messages_total", route="pump") == 17
+    assert worker.metric("plcsense_messages_total", route="pump") == 7 + WINDOW
     assert worker.metric("plcsense_errors_total", route="pump", reason="non_finite") == 2
     assert worker.metric("plcsense_errors_total", route="cam", reason="undecodable_image") == 1
     assert worker.metric("plcsense_inflight_messages") == 0
@@ -144,7 +146,7 @@ def test_own_results_are_not_consumed(broker, sensor_bundle, run_worker, collect
     out = Collector(broker, "plant/#")
     collectors.append(out)
     buffer = io.BytesIO()
-    np.save(buffer, np.asarray(readings(10), dtype=np.float32))
+    np.save(buffer, np.asarray(readings(WINDOW), dtype=np.float32))
     publish_all(broker, "plant/x/pump", [buffer.getvalue(), b"not npy"])
     out.wait_for(1, "/error")
     time.sleep(0.5)
@@ -170,7 +172,7 @@ def test_tls_with_username_and_password(tls_broker, sensor_bundle, run_worker, c
     worker = run_worker(tls_broker, [sensor_route(sensor_bundle)])
     out = Collector(tls_broker, "plant/#")
     collectors.append(out)
-    publish_all(tls_broker, "plant/p1/pump", [json.dumps(r) for r in readings(10)])
+    publish_all(tls_broker, "plant/p1/pump", [json.dumps(r) for r in readings(WINDOW)])
     assert len(out.wait_for(1, "/result")) == 1
     assert worker.metric("plcsense_mqtt_connected") == 1
 
@@ -229,7 +231,7 @@ def test_sigterm_drains_and_exits_zero(broker, sensor_bundle, run_worker, collec
     status = Collector(broker, "plcsense/drainer/status")
     collectors.extend([out, status])
     buffer = io.BytesIO()
-    np.save(buffer, np.asarray(readings(10), dtype=np.float32))
+    np.save(buffer, np.asarray(readings(WINDOW), dtype=np.float32))
     total = 1000
     publish_all(broker, "plant/x/pump", [buffer.getvalue()] * total)
     out.wait_for(10)
@@ -249,7 +251,7 @@ def test_reconnects_after_broker_restart(tmp_path, sensor_bundle, run_worker, co
     try:
         worker = run_worker(broker, [sensor_route(sensor_bundle, encoding="npy")], reconnect_max_s=2)
         window = io.BytesIO()
-        np.save(window, np.asarray(readings(10), dtype=np.float32))
+        np.save(window, np.asarray(readings(WINDOW), dtype=np.float32))
         broker.restart()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and worker.metric("plcsense_mqtt_connected") != 1:

@@ -90,8 +90,9 @@ class Manifest(_Strict):
     labels: list[str] | None = None
     threshold: float | None = None
     """Anomaly score above which a window is reported as an anomaly."""
-    score: Literal["mean_squared_error"] | None = None
-    """How the anomaly score is derived from the model output (per-channel errors)."""
+    score: Literal["mean_squared_error", "ar_innovation"] | None = None
+    """What the per-channel outputs are (reconstruction errors or squared standardised AR innovations); the
+    anomaly score is always their mean."""
     metrics: dict[str, float] = Field(default_factory=dict)
     """Held-out figures of the exported model, measured with the LiteRT interpreter."""
     variants: dict[str, dict[str, float]] = Field(default_factory=dict)

@@ -131,6 +131,7 @@ def cnn1d(
     kernels: tuple[int, ...] = (7, 5, 3),
     dropout: float = 0.3,
     hidden: int = 0,
+    batch_norm: bool = True,
 ) -> keras.Model:
     """A fully convolutional 1-D classifier on raw (window, channels) readings.
 
@@ -144,8 +145,9 @@ def cnn1d(
     inputs = keras.Input((window, channels), name="readings")
     x = layers.Normalization(axis=-1, mean=np.asarray(mean), variance=np.square(std), name="normalise")(inputs)
     for i, (f, k) in enumerate(zip(filters, kernels, strict=True)):
-        x = layers.Conv1D(f, k, padding="same", use_bias=False, name=f"conv{i + 1}")(x)
-        x = layers.BatchNormalization(name=f"bn{i + 1}")(x)
+        x = layers.Conv1D(f, k, padding="same", use_bias=not batch_norm, name=f"conv{i + 1}")(x)
+        if batch_norm:
+            x = layers.BatchNormalization(name=f"bn{i + 1}")(x)
         x = layers.Activation("relu", name=f"relu{i + 1}")(x)
     x = layers.GlobalAveragePooling1D(name="pool")(x)
     if hidden:

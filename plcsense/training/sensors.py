@@ -1,7 +1,13 @@
-"""``plcsense train sensors --task anomaly``: an autoencoder on normal operation, no labels needed.
+"""``plcsense train sensors --task anomaly``: a detector fitted on normal operation, no labels needed.
 
-The threshold comes from reconstruction errors on held-out normal windows (the last part of each file, so
-it is judged on data later in time than what the model saw): a high quantile, times a safety margin.
+Two detectors, both exported with the same interface (raw window in, one error per channel out, the score is
+their mean, compared with a threshold calibrated on normal data):
+
+- ``ar`` (default, chosen by measurement on SKAB, see ``plcsense.training.detectors``): per-channel
+  autoregressive innovations; fitted by least squares in milliseconds, robust to slow drift, works on a few
+  hundred rows. Threshold: the largest training score times a margin.
+- ``autoencoder``: a dense window autoencoder; threshold from reconstruction errors on held-out normal windows
+  (the last part of each file, later in time than what the model saw): a high quantile, times a margin.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -22,7 +29,9 @@ log = logging.getLogger("plcsense.training")
 
 @dataclass
 class SensorTrainConfig:
-    window: int = 30
+    detector: Literal["ar", "autoencoder"] = "ar"
+    window: int | None = None
+    """Readings per window; default 34 for ``ar`` (its AR order + averaging + smoothing), 30 otherwise."""
     columns: list[str] | None = None
     label_column: str | None = "anomaly"
     ignore_columns: tuple[str, ...] = ("changepoint",)
@@ -46,39 +55,103 @@ def _normal_windows(table: SensorTable, window: int) -> np.ndarray:
     return windows[clean]
 
 
+def read_tables(paths: list[Path], cfg: SensorTrainConfig) -> list[SensorTable]:
+    """Read every CSV with the first file's channels, so all files feed the same columns."""
+    if not paths:
+        raise DataError("no CSV files given")
+    first = read_sensor_csv(paths[0], columns=cfg.columns, label_column=cfg.label_column, ignore=cfg.ignore_columns)
+    return [first] + [read_sensor_csv(p, columns=first.columns, label_column=cfg.label_column) for p in paths[1:]]
+
+
 def train_sensor_anomaly(paths: list[Path], out: Path, cfg: SensorTrainConfig) -> Bundle:
+    check_output_dir(out)
+    tables = read_tables(paths, cfg)
+    return train_anomaly_tables(tables, out, cfg, name=cfg.name or paths[0].stem, sources=[str(p) for p in paths])
+
+
+def train_anomaly_tables(
+    tables: list[SensorTable], out: Path, cfg: SensorTrainConfig, *, name: str, sources: list[str] | None = None
+) -> Bundle:
+    """Fit the configured detector on the normal rows of ``tables`` and export a bundle."""
+    sources = sources or [f"table {i}" for i in range(len(tables))]
+    if cfg.detector == "ar":
+        return _train_ar(tables, out, cfg, name)
+    return _train_autoencoder(tables, out, cfg, name, sources)
+
+
+def _normal_rows(table: SensorTable) -> np.ndarray:
+    return table.values if table.labels is None else table.values[table.labels == 0]
+
+
+def _train_ar(tables: list[SensorTable], out: Path, cfg: SensorTrainConfig, name: str) -> Bundle:
+    from plcsense.training.detectors import DetectorSettings, build_detector
+
+    values = np.concatenate([_normal_rows(t) for t in tables])
+    settings = DetectorSettings().with_window(cfg.window)
+    try:
+        scorer, threshold = build_detector(values, settings=settings)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    columns = tables[0].columns
+    window = settings.window
+    log.info(
+        "%d channels (%s), %d normal rows, AR detector on windows of %d readings",
+        len(columns),
+        ", ".join(columns),
+        len(values),
+        window,
+    )
+    windows = sliding_windows(values, window)
+    normalise = scorer.get_layer("normalise")
+    mean, variance = (np.asarray(w, dtype=np.float64).reshape(-1) for w in (normalise.mean, normalise.variance))
+    spec = SensorSpec(channels=columns, window=window, mean=mean.tolist(), std=np.sqrt(variance).tolist())
+    manifest = new_manifest(
+        name=name, version=cfg.version, task="anomaly", input=spec, threshold=threshold, score="ar_innovation"
+    )
+    manifest.metrics.update({"train_rows": len(values), "train_windows": len(windows)})
+
+    def score(lite) -> dict[str, float]:
+        scores = predict_all(lite, windows.astype(np.float32)).mean(axis=1)
+        return {
+            "train_score_median": float(np.median(scores)),
+            "train_false_alarm_rate": float(np.mean(scores > threshold)),
+        }
+
+    return export_bundle(out, scorer, manifest, windows, score)
+
+
+def _train_autoencoder(
+    tables: list[SensorTable], out: Path, cfg: SensorTrainConfig, name: str, sources: list[str]
+) -> Bundle:
     import keras
 
     from plcsense.models.architectures import dense_autoencoder
 
-    check_output_dir(out)
-    if not paths:
-        raise DataError("no CSV files given")
-    first = read_sensor_csv(paths[0], columns=cfg.columns, label_column=cfg.label_column, ignore=cfg.ignore_columns)
-    tables = [first] + [read_sensor_csv(p, columns=first.columns, label_column=cfg.label_column) for p in paths[1:]]
+    window = cfg.window or 30
     fit_parts, calib_parts = [], []
-    for path, table in zip(paths, tables, strict=True):
-        windows = _normal_windows(table, cfg.window)
+    for source, table in zip(sources, tables, strict=True):
+        windows = _normal_windows(table, window)
         cut = int(len(windows) * (1 - cfg.calibration_split))
         if cut < 1 or cut == len(windows):
-            raise DataError(f"{path}: too few normal rows for window {cfg.window}; record more or shrink --window")
+            raise DataError(f"{source}: too few normal rows for window {window}; record more or shrink --window")
         fit_parts.append(windows[:cut])
-        calib_parts.append(windows[cut + cfg.window :] if len(windows) - cut > 2 * cfg.window else windows[cut:])
+        calib_parts.append(windows[cut + window :] if len(windows) - cut > 2 * window else windows[cut:])
     fit, calib = np.concatenate(fit_parts), np.concatenate(calib_parts)
+    columns = tables[0].columns
     rows = np.concatenate([t.values for t in tables])
     mean, std = rows.mean(axis=0), rows.std(axis=0)
     std = np.where(std > 1e-9 * np.maximum(1.0, np.abs(mean)), std, 1.0)  # constant channels: no scaling
     log.info(
         "%d channels (%s), %d training and %d calibration windows of %d readings",
-        len(first.columns),
-        ", ".join(first.columns),
+        len(columns),
+        ", ".join(columns),
         len(fit),
         len(calib),
-        cfg.window,
+        window,
     )
 
     keras.utils.set_random_seed(cfg.seed)
-    autoencoder, scorer = dense_autoencoder(cfg.window, mean, std)
+    autoencoder, scorer = dense_autoencoder(window, mean, std)
     autoencoder.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss="mse")
     fit_n, calib_n = (fit - mean) / std, (calib - mean) / std
     autoencoder.fit(
@@ -90,9 +163,9 @@ def train_sensor_anomaly(paths: list[Path], out: Path, cfg: SensorTrainConfig) -
         verbose=2,
         callbacks=[keras.callbacks.EarlyStopping(patience=cfg.patience, restore_best_weights=True)],
     )
-    spec = SensorSpec(channels=first.columns, window=cfg.window, mean=mean.tolist(), std=std.tolist())
+    spec = SensorSpec(channels=columns, window=window, mean=mean.tolist(), std=std.tolist())
     manifest = new_manifest(
-        name=cfg.name or paths[0].stem,
+        name=name,
         version=cfg.version,
         task="anomaly",
         input=spec,
