@@ -29,7 +29,7 @@ from plcsense.worker.batching import MicroBatcher
 from plcsense.worker.decoding import Decoded, decode
 from plcsense.worker.metrics import Metrics, serve_http
 from plcsense.worker.settings import RouteSettings, Settings
-from plcsense.worker.windows import WindowStore
+from plcsense.worker.windows import WindowStore, reading_time
 
 log = logging.getLogger("plcsense.worker")
 
@@ -97,7 +97,14 @@ class Worker:
             manifest = route.bundle.manifest
             spec = manifest.input
             if spec.kind == "sensor":
-                route.windows = WindowStore(spec.window, len(spec.channels))
+                r = route.settings
+                route.windows = WindowStore(
+                    spec.window,
+                    len(spec.channels),
+                    stride=r.window_stride,
+                    max_gap_s=r.max_gap_s,
+                    max_devices=r.max_devices,
+                )
             route.batcher = MicroBatcher(
                 route.name, self._run_batch, route.settings.max_batch, route.settings.max_wait_ms / 1000
             )
@@ -264,12 +271,19 @@ class Worker:
         job.decoded = decode(payload, route.settings.encoding, route.bundle.manifest)
         if job.decoded.is_reading:
             assert route.windows is not None
-            window = route.windows.push(job.topic, job.decoded.array)
+            pushed = route.windows.push(job.topic, job.decoded.array, reading_time(job.decoded.ts))
             self.metrics.windows.set(len(route.windows))
-            if window is None:  # window still filling: the reading is kept, nothing to answer yet
+            if pushed.gap_s is not None:
+                limit = route.settings.max_gap_s
+                raise InputError(
+                    "window_reset",
+                    f"{pushed.gap_s:.1f} s since the last reading (max_gap_s {limit}); "
+                    "the window restarts with this reading",
+                )
+            if pushed.window is None:  # window still filling (or between strides): the reading is kept
                 self._finish(job)
                 return
-            job.decoded.array = window
+            job.decoded.array = pushed.window
         assert route.batcher is not None
         route.batcher.submit(job)
 

@@ -101,6 +101,12 @@ class RouteSettings(_Section):
     max_wait_ms: float = Field(5.0, ge=0)
     """How long the first message of a batch waits for company before the batch runs."""
     qos: Literal[0, 1, 2] = 1
+    window_stride: int = Field(1, ge=1)
+    """Windowed sensor models: score every n-th reading once the window is full."""
+    max_gap_s: float | None = Field(None, gt=0)
+    """Windowed sensor models: a longer silence (by the readings' ts, else arrival) restarts the window."""
+    max_devices: int = Field(10_000, ge=1)
+    """Windowed sensor models: devices (topics) tracked at once; the least recently seen is dropped."""
 
     @field_validator("topic")
     @classmethod

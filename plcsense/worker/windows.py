@@ -1,34 +1,92 @@
-"""Per-device sliding windows for models that take a window of readings but receive one reading per message."""
+"""Per-device sliding windows for models that take a window of readings but receive one reading per message.
+
+Readings carry their own time where the PLC sends one (``ts``): a reading older than or as old as the last one
+of its device is refused (a late or repeated delivery must not corrupt the window), and a gap longer than
+``max_gap_s`` restarts the window, because a window spanning a stoppage mixes two different machine states.
+Memory stays bounded: beyond ``max_devices`` the least recently seen device is forgotten.
+"""
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from datetime import datetime
 
 import numpy as np
 
+from plcsense.models.inputs import InputError
+
+
+def reading_time(ts: float | str | None) -> float | None:
+    """Seconds since the epoch from a number (seconds, or milliseconds when huge) or an ISO 8601 string."""
+    if ts is None:
+        return None
+    if isinstance(ts, str):
+        try:
+            return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            raise InputError("invalid_json", f'"ts" {ts!r} is neither a number nor an ISO 8601 time') from None
+    return ts / 1000 if ts > 1e11 else float(ts)
+
+
+@dataclass
+class _Device:
+    readings: deque[np.ndarray]
+    last_ts: float | None = None
+    last_seen: float = field(default_factory=time.monotonic)
+    since_full: int = 0
+
+
+@dataclass
+class Pushed:
+    window: np.ndarray | None
+    """The full window to score, or None while filling (or between strides)."""
+    gap_s: float | None = None
+    """Set when a gap restarted the window before this reading."""
+
 
 class WindowStore:
-    """One bounded window per device key; the least recently seen device is dropped beyond ``max_devices``."""
-
-    def __init__(self, window: int, channels: int, max_devices: int = 10_000) -> None:
+    def __init__(
+        self, window: int, channels: int, *, stride: int = 1, max_gap_s: float | None = None, max_devices: int = 10_000
+    ) -> None:
         self.window = window
         self.channels = channels
+        self.stride = stride
+        self.max_gap_s = max_gap_s
         self.max_devices = max_devices
-        self._windows: OrderedDict[str, deque[np.ndarray]] = OrderedDict()
+        self.evicted = 0
+        self._devices: OrderedDict[str, _Device] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._windows)
+        return len(self._devices)
 
-    def push(self, key: str, reading: np.ndarray) -> np.ndarray | None:
-        """Append a reading; return the full window (window, channels) once there are enough readings."""
-        readings = self._windows.get(key)
-        if readings is None:
-            readings = self._windows[key] = deque(maxlen=self.window)
-            if len(self._windows) > self.max_devices:
-                self._windows.popitem(last=False)
+    def push(self, key: str, reading: np.ndarray, ts: float | None = None) -> Pushed:
+        """Add one reading of device ``key`` (``ts`` in seconds when the PLC sent one)."""
+        device = self._devices.get(key)
+        now = time.monotonic()
+        if device is None:
+            device = self._devices[key] = _Device(deque(maxlen=self.window))
+            if len(self._devices) > self.max_devices:
+                self._devices.popitem(last=False)
+                self.evicted += 1
         else:
-            self._windows.move_to_end(key)
-        readings.append(reading)
-        if len(readings) < self.window:
-            return None
-        return np.stack(readings)
+            self._devices.move_to_end(key)
+        if ts is not None and device.last_ts is not None and ts <= device.last_ts:
+            kind = "duplicate_reading" if ts == device.last_ts else "late_reading"
+            raise InputError(kind, f"reading at {ts} is not newer than the last one at {device.last_ts}; ignored")
+        gap = (ts - device.last_ts) if ts is not None and device.last_ts is not None else now - device.last_seen
+        restarted = None
+        if self.max_gap_s is not None and device.readings and gap > self.max_gap_s:
+            device.readings.clear()
+            device.since_full = 0
+            restarted = gap
+        device.readings.append(reading)
+        device.last_ts = ts if ts is not None else device.last_ts
+        device.last_seen = now
+        if len(device.readings) < self.window:
+            return Pushed(None, restarted)
+        device.since_full += 1
+        if (device.since_full - 1) % self.stride:
+            return Pushed(None, restarted)
+        return Pushed(np.stack(device.readings), restarted)
