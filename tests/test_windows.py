@@ -83,6 +83,6 @@ def test_worker_reports_gaps_and_duplicates(broker, sensor_bundle, run_worker, c
     publish_all(broker, "plant/d1/pump", msgs)
     errors = out.wait_for(2, "/error")
     assert [(e["error"], e["id"]) for e in errors] == [("duplicate_reading", "dup"), ("window_reset", "after-stop")]
-    results = out.json("/result")
+    results = out.wait_for(1, "/result")
     assert [x["id"] for x in results] == [f"r{WINDOW - 1}"]
     assert worker.metric("plcsense_errors_total", route="pump", reason="window_reset") == 1
