@@ -1,44 +1,76 @@
 """SKAB benchmark, official protocol, for plcsense's sensor anomaly detector; pooled F1 / FAR / MAR as JSON.
 
-    .venv/bin/python bench/skab.py ../shared/data/skab --out skab_pred.csv [--window N] [--keras-only]
+    .venv/bin/python bench/skab.py ../shared/data/skab --out skab_pred.csv [--window N] [--bundles DIR]
+    .venv/bin/python bench/skab.py ../shared/data/skab --via-mqtt [--url mqtt://host:1883]
     .venv/bin/python bench/skab.py ../shared/data/skab --baselines      # the published detectors, recomputed
 
 Protocol (Katser & Kozitsin, SKAB): every CSV file on its own; its first 400 rows are the training part (normal
 operation) and the rest the test part; the detector is fitted and its threshold set on the training part only,
-without labels. A row's prediction is the score of the window ending at that row (rows without a full window
-are predicted normal). Scores are pooled over the test rows of all files:
-F1 = TP / (TP + (FP + FN) / 2), FAR = FP / (FP + TN), MAR = FN / (FN + TP).
+without labels. A row's prediction is the score of the window ending at that row (test rows without a full
+window are predicted normal; the window may reach back into the training part). Scores are pooled over the
+test rows of all files: F1 = TP / (TP + (FP + FN) / 2), FAR = FP / (FP + TN), MAR = FN / (FN + TP).
+
+Training is the product's own: ``plcsense train sensors`` code (``train_anomaly_tables`` with the default
+``SensorTrainConfig``) writes one bundle per file, and rows are scored with that bundle's LiteRT model and
+threshold, as the worker would. ``--via-mqtt`` then replays every file through the real worker
+(``plcsense serve`` as its own process, one per file) on a real Mosquitto (a private one on a free port, or
+``--url`` / ``PLCSENSE_MQTT_URL``), one JSON reading per message, and checks that its ``is_anomaly`` answers
+equal the offline predictions; it also reports the worker's per-reading latency and the end-to-end throughput.
 
 DATA_DIR holds sub-folders of CSV files with ``anomaly`` and ``changepoint`` columns (valve1/, valve2/, other/);
-folders without them (anomaly-free/, baseline_predictions/) are skipped. Every test row is written to ``--out``
-as ``file,datetime,pred_anomaly``. The detector is scored twice: through the Keras model and through the exported
-LiteRT model (what the worker runs); the predictions written are the LiteRT ones unless ``--keras-only``.
+folders without them (anomaly-free/, baseline_predictions/) are skipped. Every test row's offline prediction is
+written to ``--out`` as ``file,datetime,pred_anomaly``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import threading
 import time
-from dataclasses import asdict, dataclass, fields
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from plcsense.training.data import read_sensor_csv, sniff_delimiter
-from plcsense.training.detectors import DetectorSettings, build_detector, channel_errors
+from plcsense.training.data import read_sensor_csv, sliding_windows, sniff_delimiter
 
 LABEL, CHANGEPOINT = "anomaly", "changepoint"
+READY_TIMEOUT_S = 60.0
 
 
 @dataclass
 class LabelledFile:
     key: str  # "valve1/0.csv"
+    columns: list[str]  # the sensor channels, in CSV order
     values: np.ndarray  # (rows, C)
     labels: np.ndarray  # (rows,) bool
     times: list[str]  # the datetime column, or row numbers
+
+
+@dataclass
+class FileRun:
+    """One file's bundle and offline scoring."""
+
+    key: str
+    bundle: Path
+    train_rows: int
+    window: int
+    threshold: float
+    first: int  # index of the first row with a full window (the first row that is really scored)
+    scores: np.ndarray  # (rows - first,) mean over channels of the LiteRT output
+    pred: np.ndarray  # (test rows,) bool; rows before ``first`` are predicted normal
 
 
 def _header(path: Path) -> tuple[list[str], str]:
@@ -48,22 +80,30 @@ def _header(path: Path) -> tuple[list[str], str]:
     return [h.strip() for h in next(csv.reader(sample.splitlines(), delimiter=delimiter))], delimiter
 
 
+def load_labelled_file(path: Path, key: str | None = None) -> LabelledFile | None:
+    """One SKAB CSV, or None when it lacks the ``anomaly`` / ``changepoint`` columns."""
+    header, delimiter = _header(path)
+    if LABEL not in header or CHANGEPOINT not in header:
+        return None
+    table = read_sensor_csv(path, label_column=LABEL, ignore=(CHANGEPOINT,))
+    with path.open(encoding="utf-8-sig") as f:
+        rows = [r for r in csv.reader(f, delimiter=delimiter)][1:]
+    rows = [r for r in rows if any(cell.strip() for cell in r)]
+    time_col = header.index("datetime") if "datetime" in header else None
+    times = [r[time_col] for r in rows] if time_col is not None else [str(i) for i in range(len(rows))]
+    assert table.labels is not None and len(times) == len(table.values)
+    key = key or f"{path.parent.name}/{path.name}"
+    return LabelledFile(key, table.columns, table.values, table.labels > 0, times)
+
+
 def load_labelled(data_dir: Path) -> list[LabelledFile]:
     """Every CSV with ``anomaly`` and ``changepoint`` columns in DATA_DIR's sub-folders, sorted by folder, file."""
     files = []
     for folder in sorted(p for p in data_dir.iterdir() if p.is_dir()):
         for path in sorted(folder.glob("*.csv"), key=lambda p: (len(p.stem), p.stem)):
-            header, delimiter = _header(path)
-            if LABEL not in header or CHANGEPOINT not in header:
-                continue
-            table = read_sensor_csv(path, label_column=LABEL, ignore=(CHANGEPOINT,))
-            with path.open(encoding="utf-8-sig") as f:
-                rows = [r for r in csv.reader(f, delimiter=delimiter)][1:]
-            rows = [r for r in rows if any(cell.strip() for cell in r)]
-            time_col = header.index("datetime") if "datetime" in header else None
-            times = [r[time_col] for r in rows] if time_col is not None else [str(i) for i in range(len(rows))]
-            assert table.labels is not None and len(times) == len(table.values)
-            files.append(LabelledFile(f"{folder.name}/{path.name}", table.values, table.labels > 0, times))
+            f = load_labelled_file(path, f"{folder.name}/{path.name}")
+            if f is not None:
+                files.append(f)
     return files
 
 
@@ -93,57 +133,335 @@ def summarise(per_file: dict[str, np.ndarray]) -> dict[str, object]:
     }
 
 
-def run_detector(
-    files: list[LabelledFile], settings: DetectorSettings, train_rows: int, litert: bool
-) -> tuple[dict[str, object], dict[str, np.ndarray]]:
-    """Fit per file, predict every test row with Keras and (optionally) LiteRT; return the report and predictions."""
-    keras_counts, lite_counts, predictions = {}, {}, {}
-    agree = total = 0
-    timings = {"fit_s": 0.0, "keras_s": 0.0, "litert_convert_s": 0.0, "litert_s": 0.0}
+def summarise_predictions(files: list[LabelledFile], predictions: dict[str, np.ndarray], train_rows: int) -> dict:
+    return summarise({f.key: counts(f.labels[train_rows:], predictions[f.key]) for f in files})
+
+
+# ----------------------------------------------------------------------------- offline: the product's training
+def bundle_dir_name(key: str) -> str:
+    return key.removesuffix(".csv").replace("/", "-")
+
+
+def train_and_score(
+    f: LabelledFile, out: Path, train_rows: int = 400, window: int | None = None
+) -> tuple[FileRun, dict[str, float]]:
+    """Train a bundle on ``f``'s first ``train_rows`` rows with ``plcsense train sensors`` code; score the rest."""
+    from plcsense.models.bundle import SensorSpec
+    from plcsense.training.data import SensorTable
+    from plcsense.training.evaluate import predict_all
+    from plcsense.training.sensors import SensorTrainConfig, train_anomaly_tables
+
+    t0 = time.perf_counter()
+    cfg = SensorTrainConfig(window=window)
+    table = SensorTable(f.columns, f.values[:train_rows], None)  # no labels: the protocol trains blind
+    bundle = train_anomaly_tables([table], out, cfg, name=f"skab-{bundle_dir_name(f.key)}")
+    trained = time.perf_counter() - t0
+    spec = bundle.manifest.input
+    assert isinstance(spec, SensorSpec) and bundle.manifest.threshold is not None
+    threshold = float(bundle.manifest.threshold)
+
+    t0 = time.perf_counter()
+    first = max(train_rows, spec.window - 1)  # earlier test rows have no full window: predicted normal
+    values = f.values[first - spec.window + 1 :, [f.columns.index(c) for c in spec.channels]].astype(np.float32)
+    scores = predict_all(bundle.model, sliding_windows(values, spec.window)).mean(axis=1)
+    pred = np.zeros(len(f.values) - train_rows, bool)
+    pred[first - train_rows :] = scores > threshold
+    scored = time.perf_counter() - t0
+    run = FileRun(f.key, bundle.path, train_rows, spec.window, threshold, first, scores, pred)
+    return run, {"train_s": trained, "score_s": scored}
+
+
+def run_offline(
+    files: list[LabelledFile], bundles: Path, train_rows: int = 400, window: int | None = None
+) -> tuple[dict[str, object], dict[str, FileRun]]:
+    runs: dict[str, FileRun] = {}
+    timings = {"train_s": 0.0, "score_s": 0.0}
     for f in files:
-        t0 = time.perf_counter()
-        model, threshold = build_detector(f.values[:train_rows], settings=settings)
-        timings["fit_s"] += time.perf_counter() - t0
-        window = model.input_shape[1]
-        first = max(train_rows, window - 1)  # earlier test rows have no full window: predicted normal
-        values = f.values.astype(np.float32)
-        windows = np.lib.stride_tricks.sliding_window_view(values[first - window + 1 :], window, axis=0)
-        windows = np.ascontiguousarray(windows.transpose(0, 2, 1))
-        truth = f.labels[train_rows:]
+        run, t = train_and_score(f, bundles / bundle_dir_name(f.key), train_rows, window)
+        runs[f.key] = run
+        for k, v in t.items():
+            timings[k] += v
+    report = {
+        **summarise_predictions(files, {k: r.pred for k, r in runs.items()}, train_rows),
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+    }
+    return report, runs
 
-        t0 = time.perf_counter()
-        keras_pred = np.zeros(len(truth), bool)
-        keras_pred[first - train_rows :] = channel_errors(model, windows).mean(axis=1) > threshold
-        timings["keras_s"] += time.perf_counter() - t0
-        keras_counts[f.key] = counts(truth, keras_pred)
-        pred = keras_pred
-        if litert:
-            from plcsense.models.runtime import LiteRTModel
-            from plcsense.training.evaluate import predict_all
-            from plcsense.training.export import to_tflite
 
-            t0 = time.perf_counter()
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "model.tflite"
-                path.write_bytes(to_tflite(model))
-                lite = LiteRTModel(path)
-            timings["litert_convert_s"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            pred = np.zeros(len(truth), bool)
-            pred[first - train_rows :] = predict_all(lite, windows).mean(axis=1) > threshold
-            timings["litert_s"] += time.perf_counter() - t0
-            lite_counts[f.key] = counts(truth, pred)
-            agree += int((pred == keras_pred).sum())
-            total += len(pred)
-        predictions[f.key] = pred
-    report: dict[str, object] = {"keras": summarise(keras_counts)}
-    if litert:
-        report["litert"] = summarise(lite_counts)
-        report["litert_keras_agreement"] = round(agree / total, 6) if total else None
-    report["timings"] = {k: round(v, 2) for k, v in timings.items()}
+# ----------------------------------------------------------------------------- via MQTT: the real worker
+class MqttReplayError(RuntimeError):
+    """The replay through the worker did not complete; the message says where it stopped and why."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _Results:
+    """Collects results and errors per input topic from ``<topic>/result`` and ``<topic>/error``."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, dict[str, dict]] = {}
+        self.errors: dict[str, list[dict]] = {}
+        self.duplicates = 0
+        self._cond = threading.Condition()
+
+    def on_message(self, client: object, userdata: object, msg: object) -> None:
+        topic, payload = msg.topic, msg.payload  # type: ignore[attr-defined]
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            doc = {"error": "unparseable", "detail": repr(payload[:200])}
+        with self._cond:
+            if topic.endswith("/result"):
+                got = self.results.setdefault(topic.removesuffix("/result"), {})
+                if str(doc.get("id")) in got:
+                    self.duplicates += 1  # at-least-once delivery: a repeat must say the same
+                    if got[str(doc.get("id"))].get("is_anomaly") != doc.get("is_anomaly"):
+                        self.errors.setdefault(topic.removesuffix("/result"), []).append(
+                            {"error": "inconsistent_repeat", "detail": f"id {doc.get('id')} answered differently"}
+                        )
+                got[str(doc.get("id"))] = doc
+            else:
+                self.errors.setdefault(topic.removesuffix("/error"), []).append(doc)
+            self._cond.notify_all()
+
+    def wait(
+        self, topic: str, count: int, timeout: float, alive: Callable[[], bool]
+    ) -> tuple[dict[str, dict], list[dict]]:
+        """Wait for ``count`` distinct results on ``topic``, the first error, ``alive()`` False, or the timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                results, errors = self.results.get(topic, {}), self.errors.get(topic, [])
+                if len(results) >= count or errors or not alive() or time.monotonic() >= deadline:
+                    return dict(results), list(errors)
+                self._cond.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+
+
+def _connect(url: str, what: str, timeout: float = 10.0):
+    """A connected paho client (network loop running) for ``url``, or a clear error."""
+    from plcsense.mqtt_url import client_for, host_port
+
+    client = client_for(url)
+    connected = threading.Event()
+    client.on_connect = lambda c, u, flags, reason, props: reason.is_failure or connected.set()
+    try:
+        client.connect(*host_port(url))
+    except OSError as exc:
+        raise MqttReplayError(f"{what}: cannot connect to {url}: {exc}") from None
+    client.loop_start()
+    if not connected.wait(timeout):
+        client.loop_stop()
+        raise MqttReplayError(f"{what}: no CONNACK from {url} within {timeout:.0f} s")
+    return client
+
+
+def _get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    text = path.read_text(errors="replace") if path.exists() else "<no log>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class WorkerProcess:
+    """``plcsense serve`` as a subprocess with a one-route config; always ``stop()`` it."""
+
+    def __init__(self, workdir: Path, url: str, client_id: str, route: dict) -> None:
+        self.port = _free_port()
+        self.log_path = workdir / f"{client_id}.log"
+        self.config = workdir / f"{client_id}.json"
+        mqtt_settings = {"url": url, "client_id": client_id, "session_expiry_s": 0}  # nothing left behind
+        self.config.write_text(
+            json.dumps({"mqtt": mqtt_settings, "metrics": {"host": "127.0.0.1", "port": self.port}, "routes": [route]})
+        )
+        self.proc: subprocess.Popen | None = None
+        self.returncode: int | None = None
+
+    def start(self, timeout: float = READY_TIMEOUT_S) -> None:
+        with self.log_path.open("w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "plcsense", "serve", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={k: v for k, v in os.environ.items() if not k.startswith("PLCSENSE_")},  # the config rules
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise MqttReplayError(
+                    f"worker exited with code {self.proc.returncode} before it was ready; "
+                    f"{self.log_path}:\n{_tail(self.log_path)}"
+                )
+            with contextlib.suppress(OSError):
+                if _get(f"http://127.0.0.1:{self.port}/readyz") == 200:
+                    return
+            time.sleep(0.1)
+        raise MqttReplayError(
+            f"worker not ready (/readyz on port {self.port}) within {timeout:.0f} s; "
+            f"{self.log_path}:\n{_tail(self.log_path)}"
+        )
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (the worker answers what is in flight and exits 0); SIGKILL if it hangs. Idempotent."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.returncode = self.proc.returncode
+        return self.returncode
+
+
+def replay_file(
+    f: LabelledFile,
+    run: FileRun,
+    url: str,
+    results: _Results,
+    workdir: Path,
+    topic: str,
+    client_id: str,
+    timeout: float = 120.0,
+) -> tuple[np.ndarray, list[float], dict[str, float]]:
+    """Replay ``f`` through a fresh worker; return its predictions per test row, latencies (ms) and timings."""
+    route = {"name": "skab", "topic": topic, "model": str(run.bundle), "encoding": "json", "max_batch": 64}
+    worker = WorkerProcess(workdir, url, client_id, route)
+    publisher = None
+    try:
+        t0 = time.perf_counter()
+        worker.start()
+        ready_s = time.perf_counter() - t0
+        publisher = _connect(url, f"{f.key}: publisher")
+        start = run.first - run.window + 1  # the first window ends at row ``first``
+        expected = len(f.values) - run.first
+        t0 = time.perf_counter()
+        infos = [
+            publisher.publish(topic, json.dumps({"data": f.values[i].tolist(), "id": str(i)}), qos=1)
+            for i in range(start, len(f.values))
+        ]
+        for info in infos:
+            info.wait_for_publish(max(1.0, timeout - (time.perf_counter() - t0)))
+            if not info.is_published():
+                raise MqttReplayError(f"{f.key}: the broker did not acknowledge message {info.mid} in time")
+        published_s = time.perf_counter() - t0
+        got, errors = results.wait(topic, expected, max(1.0, timeout - published_s), lambda: worker.alive)
+        answered_s = time.perf_counter() - t0
+        if errors:
+            raise MqttReplayError(f"{f.key}: the worker answered with errors on {topic}/error: {errors[:3]}")
+        if len(got) < expected:
+            why = "the worker exited" if not worker.alive else f"no more answers within {timeout:.0f} s"
+            raise MqttReplayError(
+                f"{f.key}: {len(got)} of {expected} results on {topic}/result ({why}); "
+                f"{worker.log_path}:\n{_tail(worker.log_path)}"
+            )
+    finally:
+        if publisher is not None:
+            publisher.disconnect()
+            publisher.loop_stop()
+        code = worker.stop()
+    if code != 0:
+        raise MqttReplayError(f"{f.key}: worker exited with code {code} after SIGTERM; see {worker.log_path}")
+
+    pred = np.zeros(len(run.pred), bool)
+    ids = {str(i) for i in range(run.first, len(f.values))}
+    stray = sorted(set(got) - ids, key=int)
+    if stray:
+        raise MqttReplayError(f"{f.key}: results for readings whose window was not yet full: ids {stray[:5]}")
+    for i in range(run.first, len(f.values)):
+        pred[i - run.train_rows] = bool(got[str(i)]["is_anomaly"])
+    latencies = [float(got[i]["latency_ms"]) for i in sorted(ids, key=int)]
+    timings = {"ready_s": ready_s, "publish_s": published_s, "answer_s": answered_s, "results": float(expected)}
+    return pred, latencies, timings
+
+
+def start_private_broker(workdir: Path) -> tuple[str, subprocess.Popen | None]:
+    """A private Mosquitto on a free port (or the one at ``PLCSENSE_MQTT_URL``), as the demo does."""
+    from plcsense.demo import start_broker
+
+    try:
+        return start_broker(workdir)
+    except SystemExit as exc:
+        raise MqttReplayError(str(exc)) from None
+
+
+def run_via_mqtt(
+    files: list[LabelledFile], runs: dict[str, FileRun], url: str, workdir: Path, timeout: float = 120.0
+) -> tuple[dict[str, object], dict[str, np.ndarray]]:
+    """Replay every file through its own worker; predictions per file and a report with parity and latency."""
+    results = _Results()
+    listener = _connect(url, "result listener")
+    listener.on_message = results.on_message
+    subscribed = threading.Event()
+    listener.on_subscribe = lambda *a: subscribed.set()
+    listener.subscribe([("skab/+/in/result", 1), ("skab/+/in/error", 1)])
+    if not subscribed.wait(10):
+        listener.disconnect()
+        listener.loop_stop()
+        raise MqttReplayError(f"result listener: subscription not acknowledged by {url}")
+    predictions: dict[str, np.ndarray] = {}
+    latencies: list[float] = []
+    totals = {"ready_s": 0.0, "publish_s": 0.0, "answer_s": 0.0, "results": 0.0}
+    tag = f"{os.getpid()}-{int(time.time())}"
+    try:
+        for n, f in enumerate(files):
+            pred, lat, t = replay_file(
+                f, runs[f.key], url, results, workdir, f"skab/{n}/in", f"skab-bench-{tag}-{n}", timeout
+            )
+            predictions[f.key] = pred
+            latencies += lat
+            for k, v in t.items():
+                totals[k] += v
+    finally:
+        listener.disconnect()
+        listener.loop_stop()
+
+    agree = total = 0
+    mismatches = []
+    for f in files:
+        run = runs[f.key]
+        scored = slice(run.first - run.train_rows, None)
+        same = predictions[f.key][scored] == run.pred[scored]
+        agree += int(same.sum())
+        total += len(same)
+        mismatches += [f"{f.key}:{run.first + int(i)}" for i in np.flatnonzero(~same)[:5]]
+    lat = np.asarray(latencies)
+    report = {
+        "url": url,
+        "parity": round(agree / total, 6) if total else None,
+        "scored_rows": total,
+        "mismatches": mismatches[:20],
+        "repeated_results": results.duplicates,
+        **summarise_predictions(files, predictions, runs[files[0].key].train_rows),
+        "latency_ms": {
+            "p50": round(float(np.percentile(lat, 50)), 3),
+            "p95": round(float(np.percentile(lat, 95)), 3),
+            "max": round(float(lat.max()), 3),
+            "mean": round(float(lat.mean()), 3),
+        },
+        "throughput_per_s": round(totals["results"] / totals["answer_s"], 1) if totals["answer_s"] else None,
+        "timings": {k: round(v, 2) for k, v in totals.items() if k != "results"},
+    }
     return report, predictions
 
 
+# ----------------------------------------------------------------------------- published baselines
 def score_baselines(data_dir: Path, files: list[LabelledFile], train_rows: int = 400) -> dict[str, object]:
     """Recompute the published detectors' scores from ``baseline_predictions/*.csv`` on the labelled files here.
 
@@ -177,12 +495,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("--out", type=Path, help="write file,datetime,pred_anomaly for every test row here")
-    parser.add_argument("--window", type=int, help="readings per window (changes the smoothing length only)")
+    parser.add_argument("--window", type=int, help="readings per window (default: the trainer's, 34)")
     parser.add_argument("--train-rows", type=int, default=400)
-    parser.add_argument("--keras-only", action="store_true", help="skip the LiteRT export and scoring")
+    parser.add_argument("--bundles", type=Path, help="keep the per-file bundles here (default: a temporary folder)")
+    parser.add_argument("--via-mqtt", action="store_true", help="also replay every file through the real worker")
+    parser.add_argument("--url", help="MQTT broker for --via-mqtt (default: a private Mosquitto on a free port)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per file for --via-mqtt")
     parser.add_argument("--baselines", action="store_true", help="only recompute baseline_predictions/ scores")
-    for field in fields(DetectorSettings):
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -192,28 +511,49 @@ def main() -> None:
     if args.baselines:
         print(json.dumps(score_baselines(args.data_dir, files, args.train_rows), indent=1))
         return
-    settings = DetectorSettings(**{f.name: getattr(args, f.name) for f in fields(DetectorSettings)})
-    try:
-        settings = settings.with_window(args.window)
-    except ValueError as exc:
-        parser.error(str(exc))
-    report, predictions = run_detector(files, settings, args.train_rows, litert=not args.keras_only)
-    if args.out:
-        with args.out.open("w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["file", "datetime", "pred_anomaly"])
-            for f in files:
-                for t, p in zip(f.times[args.train_rows :], predictions[f.key], strict=True):
-                    writer.writerow([f.key, t, int(p)])
-    result = {
-        "files": len(files),
-        "window": settings.window,
-        "settings": asdict(settings),
-        "predictions_from": "keras" if args.keras_only else "litert",
-        **report,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    with tempfile.TemporaryDirectory(prefix="skab-") as tmp:
+        bundles = args.bundles or Path(tmp) / "bundles"
+        try:
+            offline, runs = run_offline(files, bundles, args.train_rows, args.window)
+        except ValueError as exc:  # DataError: e.g. a window the training part cannot fill
+            parser.error(str(exc))
+        result: dict[str, object] = {
+            "files": len(files),
+            "window": next(iter(runs.values())).window,
+            "predictions_from": "plcsense train sensors bundle, LiteRT",
+            "offline": offline,
+        }
+        if args.out:
+            with args.out.open("w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["file", "datetime", "pred_anomaly"])
+                for f in files:
+                    for t, p in zip(f.times[args.train_rows :], runs[f.key].pred, strict=True):
+                        writer.writerow([f.key, t, int(p)])
+        if args.via_mqtt:
+            broker = None
+            try:
+                url = args.url
+                if url is None:
+                    (Path(tmp) / "broker").mkdir()
+                    url, broker = start_private_broker(Path(tmp) / "broker")
+                (Path(tmp) / "workers").mkdir()
+                result["via_mqtt"], _ = run_via_mqtt(files, runs, url, Path(tmp) / "workers", args.timeout)
+            except MqttReplayError as exc:
+                print(f"skab: --via-mqtt failed: {exc}", file=sys.stderr)
+                sys.exit(1)
+            finally:
+                if broker is not None:
+                    broker.terminate()
+                    try:
+                        broker.wait(10)
+                    except subprocess.TimeoutExpired:
+                        broker.kill()
+                        broker.wait()
+    result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result, indent=1))
+    if args.via_mqtt and result["via_mqtt"]["parity"] != 1.0:  # type: ignore[index]
+        sys.exit(1)
 
 
 if __name__ == "__main__":
