@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[train,dev]'
+	# A real Sparkplug B library for the tests' payloads; it pins paho-mqtt<2 for its client, which we do not use.
+	$(BIN)/python -m pip install --quiet --no-deps 'pysparkplug==0.6.1'
 	touch $(STAMP)
 
 # The mosquitto broker binary: installed with apt-get when missing and we are root, otherwise explained.

@@ -41,4 +41,4 @@ def test_demo_runs_and_reports(tmp_path):
     assert last.startswith("demo: ") and last.endswith(" errors")
     messages, results, errors = (int(part.split()[0]) for part in last[len("demo: ") :].split(", "))
     assert results > 0 and messages >= results + errors
-    assert "result #1" in proc.stdout
+    assert " #1: label " in proc.stdout and " #1: score " in proc.stdout

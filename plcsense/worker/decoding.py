@@ -13,7 +13,7 @@ import numpy as np
 from plcsense.models.bundle import ImageSpec, Manifest, SensorSpec
 from plcsense.models.inputs import InputError, decode_image
 
-Encoding = Literal["json", "npy", "image"]
+Encoding = Literal["json", "npy", "image", "sparkplug"]
 
 
 @dataclass(slots=True)
@@ -73,6 +73,18 @@ def _decode_npy(payload: bytes) -> Decoded:
     if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
         raise InputError("bad_npy", "npy payload must hold a numeric array")
     return Decoded(array)
+
+
+def decode_metrics(metrics: dict[str, float], manifest: Manifest, *, msg_id: str | None, ts: float | None) -> Decoded:
+    """A reading given as named metrics (Sparkplug B) mapped onto the model's channels by name."""
+    spec = manifest.input
+    if not isinstance(spec, SensorSpec):
+        raise InputError("bad_encoding", "route encoding is sparkplug but the model takes images")
+    try:
+        return _checked(Decoded(_as_tensor(metrics, spec), msg_id, ts), spec)
+    except InputError as exc:
+        exc.id = msg_id
+        raise
 
 
 def decode(payload: bytes, encoding: Encoding, manifest: Manifest) -> Decoded:

@@ -7,6 +7,7 @@ therefore loses nothing: the broker redelivers every unacknowledged input when t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -26,9 +27,10 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from plcsense.models.bundle import Bundle, BundleError, load_bundle
 from plcsense.models.inputs import InputError
 from plcsense.worker.batching import MicroBatcher
-from plcsense.worker.decoding import Decoded, decode
+from plcsense.worker.decoding import Decoded, decode, decode_metrics
 from plcsense.worker.metrics import Metrics, serve_http
 from plcsense.worker.settings import RouteSettings, Settings
+from plcsense.worker.sparkplug import AliasTable, parse_topic
 from plcsense.worker.windows import WindowStore, reading_time
 
 log = logging.getLogger("plcsense.worker")
@@ -56,6 +58,7 @@ class Route:
     bundle: Bundle | None = None
     load_error: str | None = None
     windows: WindowStore | None = None
+    sparkplug: AliasTable | None = None
     batcher: MicroBatcher[Job] | None = field(default=None, repr=False)
 
     @property
@@ -105,6 +108,8 @@ class Worker:
                     max_gap_s=r.max_gap_s,
                     max_devices=r.max_devices,
                 )
+            if route.settings.encoding == "sparkplug":
+                route.sparkplug = AliasTable(route.settings.max_devices)
             route.batcher = MicroBatcher(
                 route.name, self._run_batch, route.settings.max_batch, route.settings.max_wait_ms / 1000
             )
@@ -268,10 +273,25 @@ class Worker:
             raise InputError("payload_too_large", f"payload is {len(payload)} bytes, limit is {limit}")
         if route.bundle is None:
             raise InputError("model_unavailable", route.load_error or "model not loaded")
-        job.decoded = decode(payload, route.settings.encoding, route.bundle.manifest)
+        device = job.topic
+        if route.sparkplug is not None:
+            topic = parse_topic(job.topic)
+            if topic is None:
+                raise InputError("bad_sparkplug", "not a Sparkplug B topic (spBv1.0/<group>/<type>/<node>[/<device>])")
+            if topic.message_type in ("NDEATH", "DDEATH", "NCMD", "DCMD"):
+                with contextlib.suppress(InputError):  # lifecycle messages: forget the aliases, nothing to answer
+                    route.sparkplug.decode(topic, payload)
+                self._finish(job)
+                return
+            reading = route.sparkplug.decode(topic, payload)
+            device = "/".join(p for p in topic.key if p)  # BIRTH and DATA of one device share a window
+            seq = None if reading.seq is None else str(reading.seq)
+            job.decoded = decode_metrics(reading.metrics, route.bundle.manifest, msg_id=seq, ts=reading.timestamp_ms)
+        else:
+            job.decoded = decode(payload, route.settings.encoding, route.bundle.manifest)
         if job.decoded.is_reading:
             assert route.windows is not None
-            pushed = route.windows.push(job.topic, job.decoded.array, reading_time(job.decoded.ts))
+            pushed = route.windows.push(device, job.decoded.array, reading_time(job.decoded.ts))
             self.metrics.windows.set(len(route.windows))
             if pushed.gap_s is not None:
                 limit = route.settings.max_gap_s

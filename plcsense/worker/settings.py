@@ -93,7 +93,9 @@ class RouteSettings(_Section):
     """MQTT topic filter, ``+`` and ``#`` allowed."""
     model: Path
     """A bundle directory (relative paths resolve against the working directory, then the config file)."""
-    encoding: Literal["json", "npy", "image"] = "json"
+    encoding: Literal["json", "npy", "image", "sparkplug"] = "json"
+    """``sparkplug``: Sparkplug B protobuf; metrics map onto the model's channels by name (subscribe to the
+    BIRTH topics too, e.g. ``spBv1.0/<group>/+/<edge node>/#``, so metrics sent by alias resolve)."""
     result_topic: str = "{topic}/result"
     error_topic: str = "{topic}/error"
     max_payload_bytes: int = Field(8 * 1024 * 1024, gt=0)
