@@ -1,6 +1,6 @@
 """Sensor-tensor classification on the ZeMA hydraulic test rig (UCI 447), printed as JSON.
 
-    .venv/bin/python bench/hydraulic.py [--target cooler|valve|accumulator|pump] [--workdir DIR]
+    .venv/bin/python bench/hydraulic.py [--target cooler|valve|accumulator|pump] [--workdir DIR] [--quantize int8]
 
 Each 60 s load cycle becomes one CSV (header ``TS1,TS2,TS3,TS4``, 60 rows at 1 Hz) under
 ``train/<class>/`` or ``test/<class>/`` from a seeded (42) stratified 80/20 split of the 2205 cycles; the
@@ -12,6 +12,8 @@ exported LiteRT model on ``test/`` by ``evaluate_sensor_folder``. Reads ``../sha
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
@@ -76,7 +78,10 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, help="keep the CSVs and the bundle here (default: a temp folder)")
     parser.add_argument("--data", type=Path, default=SHARED, help="folder with TS1-TS4.txt and profile.txt")
     parser.add_argument("--epochs", type=int, help="override the training default")
-    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    parser.add_argument("--quantize", choices=["none", "float16", "int8"], default="none")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no per-epoch lines and no log (stdout is JSON either way)"
+    )
     args = parser.parse_args()
 
     if not all((args.data / f"{name}.txt").is_file() for name in (*SENSORS, "profile")):
@@ -97,13 +102,15 @@ def main() -> int:
         sizes = write_split(workdir, sensors, values, names)
         prepare_s = time.perf_counter() - started
 
-        cfg = SensorClassifyConfig(name=f"hydraulic-{args.target}")
+        cfg = SensorClassifyConfig(name=f"hydraulic-{args.target}", quantize=args.quantize)
         if args.epochs:
             cfg.epochs = args.epochs
         if args.quiet:
             logging.getLogger("plcsense.training").setLevel(logging.WARNING)
         started = time.perf_counter()
-        bundle = train_sensor_classifier(workdir / "train", workdir / f"bundle-{args.target}", cfg)
+        # Keras prints epochs to stdout: send them to stderr (or nowhere) so stdout is the JSON result alone
+        with contextlib.redirect_stdout(io.StringIO() if args.quiet else sys.stderr):
+            bundle = train_sensor_classifier(workdir / "train", workdir / f"bundle-{args.target}", cfg)
         train_s = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -130,7 +137,9 @@ def main() -> int:
         "precision": scores["precision"],
         "labels": scores["labels"],
         "confusion_matrix": scores["confusion_matrix"],
+        "quantization": bundle.manifest.quantization,
         "manifest_metrics": bundle.manifest.metrics,
+        "manifest_variants": bundle.manifest.variants,
         "timings_s": {
             "prepare": round(prepare_s, 2),
             "train_and_export": round(train_s, 2),

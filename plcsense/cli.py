@@ -43,6 +43,23 @@ def _train(args: argparse.Namespace) -> int:
         if args.learning_rate:
             cfg.learning_rate = args.learning_rate
         bundle = train_images(Path(args.data[0]), Path(args.out), cfg)
+    elif args.task in ("classify", "classification"):
+        from plcsense.training.sensor_classify import SensorClassifyConfig, train_sensor_classifier
+
+        cfg = SensorClassifyConfig(
+            columns=args.columns.split(",") if args.columns else None,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            val_split=args.val_split,
+            test_split=args.test_split,
+            tensorboard=Path(args.tensorboard) if args.tensorboard else None,
+            quantize=args.quantize,
+            min_agreement=args.min_agreement,
+            name=args.name,
+            version=args.model_version,
+        )
+        bundle = train_sensor_classifier(Path(args.data[0]), Path(args.out), cfg)
     else:
         from plcsense.training.sensors import SensorTrainConfig, train_sensor_anomaly
 
@@ -145,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="bundle directory to write")
     train.add_argument(
         "--task",
-        choices=["anomaly", "classification"],
+        choices=["anomaly", "classify", "classification"],
         default=None,
-        help="sensors: anomaly (default); images: classification",
+        help="sensors: anomaly (default) or classify (DATA: a folder of class folders of CSVs, one per sample)",
     )
     train.add_argument("--epochs", type=int, default=None)
     train.add_argument("--batch-size", type=int, default=None)
@@ -251,12 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ chatter buries the useful lines
     if args.command == "train":
-        defaults = {"images": (30, 32), "sensors": (60, 64)}[args.kind]
-        args.epochs = args.epochs or defaults[0]
-        args.batch_size = args.batch_size or defaults[1]
-        if args.kind == "sensors" and args.task == "classification":
-            print("plcsense: sensor classification is not available yet; use --task anomaly", file=sys.stderr)
-            return 2
+        defaults = {"images": (30, 32), "anomaly": (60, 64), "classify": (150, 32)}
+        task = "classify" if args.task == "classification" else args.task or "anomaly"
+        epochs, batch_size = defaults["images" if args.kind == "images" else task]
+        args.epochs = args.epochs or epochs
+        args.batch_size = args.batch_size or batch_size
     from plcsense.models.bundle import BundleError
     from plcsense.training.data import DataError
 

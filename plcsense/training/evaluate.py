@@ -27,6 +27,23 @@ def classification_scores(probabilities: np.ndarray, labels: np.ndarray) -> dict
     }
 
 
+def classification_summary(probabilities: np.ndarray, labels: np.ndarray, names: list[str]) -> dict:
+    """``classification_scores`` plus per-class precision/recall/support and the confusion matrix (rows: truth)."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    predicted = probabilities.argmax(axis=1)
+    index = list(range(len(names)))
+    precision, recall, _, support = precision_recall_fscore_support(labels, predicted, labels=index, zero_division=0)
+    return {
+        **classification_scores(probabilities, labels),
+        "labels": list(names),
+        "precision": {c: float(p) for c, p in zip(names, precision, strict=True)},
+        "recall": {c: float(r) for c, r in zip(names, recall, strict=True)},
+        "support": {c: int(n) for c, n in zip(names, support, strict=True)},
+        "confusion_matrix": confusion_matrix(labels, predicted, labels=index).tolist(),
+    }
+
+
 def anomaly_scores(bundle: Bundle, paths: list[Path], label_column: str) -> dict[str, float]:
     spec = bundle.manifest.input
     assert isinstance(spec, SensorSpec) and bundle.manifest.threshold is not None
@@ -59,10 +76,14 @@ def anomaly_scores(bundle: Bundle, paths: list[Path], label_column: str) -> dict
 def evaluate(bundle: Bundle, data: Path, *, label_column: str = "anomaly") -> dict[str, float]:
     """Scores for one folder of class folders (classification) or one CSV file / folder of CSVs (anomaly)."""
     manifest = bundle.manifest
+    if manifest.task == "classification" and isinstance(manifest.input, SensorSpec):
+        from plcsense.training.sensor_classify import evaluate_sensor_folder
+
+        return evaluate_sensor_folder(bundle, data)
     if manifest.task == "classification":
         assert isinstance(manifest.input, ImageSpec) and manifest.labels
         images = load_image_folder(data, manifest.input, classes=manifest.labels)
-        return classification_scores(predict_all(bundle.model, images.images), images.labels)
+        return classification_summary(predict_all(bundle.model, images.images), images.labels, manifest.labels)
     paths = sorted(data.rglob("*.csv")) if data.is_dir() else [data]
     if not paths:
         raise DataError(f"no CSV files under {data}")
@@ -70,7 +91,7 @@ def evaluate(bundle: Bundle, data: Path, *, label_column: str = "anomaly") -> di
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
-    keys = list(dict.fromkeys(k for row in rows.values() for k in row))
+    keys = list(dict.fromkeys(k for row in rows.values() for k, v in row.items() if isinstance(v, (int, float))))
     width = max(len("data"), *(len(name) for name in rows))
     lines = ["  ".join([f"{'data':<{width}}", *(f"{k:>10}" for k in keys)])]
     for name, row in rows.items():

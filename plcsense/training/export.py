@@ -46,7 +46,11 @@ def to_tflite(model: keras.Model, quantization: Quantization | None = None) -> b
     elif q.mode == "int8":
         if q.representative is None or not len(q.representative):
             raise ExportError("int8 quantisation needs representative training data")
-        samples = q.representative[:REPRESENTATIVE_SAMPLES].astype(np.float32)
+        # A seeded random sample: training arrays come sorted by class, and int8 ranges calibrated on the first
+        # classes alone clip the others.
+        rng = np.random.default_rng(0)
+        chosen = rng.choice(len(q.representative), min(REPRESENTATIVE_SAMPLES, len(q.representative)), replace=False)
+        samples = q.representative[np.sort(chosen)].astype(np.float32)
 
         def representative() -> Iterator[list[np.ndarray]]:
             for sample in samples:

@@ -1,4 +1,4 @@
-"""``plcsense train sensors --task classify``: a 1-D CNN that labels whole sensor tensors (one per machine cycle).
+"""Sensor-tensor classification (`plcsense train sensors`, classification task): a 1-D CNN per machine cycle.
 
 The data layout mirrors images: ``DATA_DIR/<class>/*.csv``, one CSV per sample, rows = time steps, columns =
 channels, a header naming the channels. Every sample must have the same length and the same channels; the
@@ -9,6 +9,7 @@ per-channel normalisation inside the graph.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,12 +18,13 @@ import numpy as np
 
 from plcsense.models.bundle import Bundle, SensorSpec, new_manifest
 from plcsense.training.data import DataError, class_folders, read_sensor_csv
-from plcsense.training.evaluate import classification_scores, predict_all
-from plcsense.training.export import check_output_dir, export_bundle
+from plcsense.training.evaluate import classification_scores, classification_summary, predict_all
 from plcsense.training.splits import split_indices
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # TensorFlow only for training: evaluating a bundle needs LiteRT alone
     import keras
+
+    from plcsense.training.export import Quantize
 
 log = logging.getLogger("plcsense.training")
 
@@ -41,8 +43,12 @@ class SensorClassifyConfig:
     """Early stopping: epochs without a better validation loss before training stops (best weights kept)."""
     lr_patience: int = 8
     """Halve the learning rate after this many epochs without a better validation loss."""
-    balance_classes: bool = True
+    class_weights: bool = True
     """Weight the loss by inverse class frequency so a rare condition is not drowned by the common one."""
+    tensorboard: Path | None = None
+    quantize: Quantize = "none"
+    """Exported model: float32 (none), float16 weights, or full int8 (refused if top-1 agreement is too low)."""
+    min_agreement: float = 0.98
     name: str | None = None
     version: str = "1"
 
@@ -130,8 +136,6 @@ def cnn1d(
     filters: tuple[int, ...] = (64, 128, 64),
     kernels: tuple[int, ...] = (7, 5, 3),
     dropout: float = 0.3,
-    hidden: int = 0,
-    batch_norm: bool = True,
 ) -> keras.Model:
     """A fully convolutional 1-D classifier on raw (window, channels) readings.
 
@@ -145,19 +149,17 @@ def cnn1d(
     inputs = keras.Input((window, channels), name="readings")
     x = layers.Normalization(axis=-1, mean=np.asarray(mean), variance=np.square(std), name="normalise")(inputs)
     for i, (f, k) in enumerate(zip(filters, kernels, strict=True)):
-        x = layers.Conv1D(f, k, padding="same", use_bias=not batch_norm, name=f"conv{i + 1}")(x)
-        if batch_norm:
-            x = layers.BatchNormalization(name=f"bn{i + 1}")(x)
+        x = layers.Conv1D(f, k, padding="same", use_bias=False, name=f"conv{i + 1}")(x)
+        x = layers.BatchNormalization(name=f"bn{i + 1}")(x)
         x = layers.Activation("relu", name=f"relu{i + 1}")(x)
     x = layers.GlobalAveragePooling1D(name="pool")(x)
-    if hidden:
-        x = layers.Dense(hidden, activation="relu", name="hidden")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="cnn1d")
 
 
 def _class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """Balanced weights (inverse class frequency) for the classes present; absent ones keep weight 1."""
     from sklearn.utils.class_weight import compute_class_weight
 
     present = np.unique(labels)
@@ -168,15 +170,28 @@ def _class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
 
 
 def train_sensor_classifier(data_dir: Path, out: Path, cfg: SensorClassifyConfig) -> Bundle:
+    """Train a :func:`cnn1d` on ``data_dir/<class>/*.csv`` and export a verified bundle to ``out``.
+
+    Seeded stratified train/validation/test split; normalisation statistics from the training samples only;
+    class weights; learning-rate halving on plateaus and early stopping on validation loss with the best
+    weights restored (Ctrl-C does the same and exports). The manifest's test figures and the ``report/``
+    (confusion matrix, per-class precision/recall, training curves) are measured with the exported LiteRT model.
+    """
     import keras
+
+    from plcsense.training.export import Quantization, check_output_dir, export_bundle
+    from plcsense.training.report import classification_report_files
 
     check_output_dir(out)
     data = load_sensor_folder(data_dir, columns=cfg.columns)
     if len(data.classes) < 2:
         raise DataError(f"{data_dir} has one class folder ({data.classes[0]}); a classifier needs at least two")
     train, val, test = split_indices(data.labels, cfg.val_split, cfg.test_split, cfg.seed)
-    if len(train) == 0:
-        raise DataError(f"{data_dir}: no samples left for training after the validation/test split")
+    if not len(train) or not len(val):
+        raise DataError(
+            f"{data_dir}: {len(data.labels)} samples leave no training or validation set; add samples or "
+            "change the validation split"
+        )
     counts = np.bincount(data.labels, minlength=len(data.classes))
     log.info(
         "%d samples of %d x %d (%s), %d classes (%s); split %d/%d/%d",
@@ -199,20 +214,33 @@ def train_sensor_classifier(data_dir: Path, out: Path, cfg: SensorClassifyConfig
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    monitor = "val_loss" if len(val) else "loss"
-    model.fit(
-        data.inputs[train],
-        data.labels[train],
-        validation_data=(data.inputs[val], data.labels[val]) if len(val) else None,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        class_weight=_class_weights(data.labels[train], len(data.classes)) if cfg.balance_classes else None,
-        verbose=2,
-        callbacks=[
-            keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5, patience=cfg.lr_patience, min_lr=1e-5),
-            keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True),
-        ],
-    )
+    early = keras.callbacks.EarlyStopping(patience=cfg.patience, restore_best_weights=True)
+    callbacks = [
+        keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=cfg.lr_patience, min_lr=1e-5),
+        early,
+        keras.callbacks.History(),
+    ]
+    if cfg.tensorboard:
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(cfg.tensorboard)))
+    interrupted = False
+    try:
+        model.fit(
+            data.inputs[train],
+            data.labels[train],
+            validation_data=(data.inputs[val], data.labels[val]),
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            class_weight=_class_weights(data.labels[train], len(data.classes)) if cfg.class_weights else None,
+            verbose=1 if sys.stdout.isatty() else 2,
+            callbacks=callbacks,
+        )
+    except KeyboardInterrupt:
+        interrupted = True
+        if early.best_weights is not None:
+            model.set_weights(early.best_weights)
+        log.warning("training interrupted: exporting the best model so far")
+    history = {k: [float(v) for v in vs] for k, vs in callbacks[2].history.items() if k != "learning_rate"}
+
     spec = SensorSpec(channels=data.channels, window=data.window, mean=mean.tolist(), std=std.tolist())
     manifest = new_manifest(
         name=cfg.name or data_dir.resolve().name,
@@ -222,13 +250,22 @@ def train_sensor_classifier(data_dir: Path, out: Path, cfg: SensorClassifyConfig
         labels=data.classes,
     )
     manifest.metrics.update({"train_samples": len(train), "val_samples": len(val), "test_samples": len(test)})
-    held_out = test if len(test) else val if len(val) else train
+    if interrupted:
+        manifest.metrics["interrupted"] = 1.0
+    held_out = test if len(test) else val
 
     def score(lite) -> dict[str, float]:
         scores = classification_scores(predict_all(lite, data.inputs[held_out]), data.labels[held_out])
         return {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"]}
 
-    return export_bundle(out, model, manifest, data.inputs[held_out], score)
+    def report(lite, folder: Path) -> None:
+        probabilities = predict_all(lite, data.inputs[held_out])
+        classification_report_files(folder, probabilities, data.labels[held_out], data.classes, history=history)
+
+    # export calibrates int8 ranges on the first samples it is given: shuffle so that every class is among them
+    representative = data.inputs[np.random.default_rng(cfg.seed).permutation(train)]
+    quantization = Quantization(cfg.quantize, representative, cfg.min_agreement)
+    return export_bundle(out, model, manifest, data.inputs[held_out], score, quantization=quantization, report=report)
 
 
 def evaluate_sensor_folder(bundle: Bundle, data_dir: Path) -> dict:
@@ -237,24 +274,9 @@ def evaluate_sensor_folder(bundle: Bundle, data_dir: Path) -> dict:
     Returns ``n``, ``accuracy``, ``loss``, per-class ``precision``/``recall``/``support`` (dicts keyed by label)
     and ``confusion_matrix`` (rows: true label, columns: predicted, in ``labels`` order).
     """
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
     manifest = bundle.manifest
     spec = manifest.input
     if manifest.task != "classification" or not isinstance(spec, SensorSpec) or not manifest.labels:
         raise DataError(f"bundle {bundle.path} is not a sensor classification model ({manifest.task})")
     data = load_sensor_folder(data_dir, columns=spec.channels, classes=manifest.labels, window=spec.window)
-    probabilities = predict_all(bundle.model, data.inputs)
-    predicted = probabilities.argmax(axis=1)
-    classes = list(range(len(manifest.labels)))
-    precision, recall, _, support = precision_recall_fscore_support(
-        data.labels, predicted, labels=classes, zero_division=0
-    )
-    return {
-        **classification_scores(probabilities, data.labels),
-        "labels": list(manifest.labels),
-        "precision": {c: float(p) for c, p in zip(manifest.labels, precision, strict=True)},
-        "recall": {c: float(r) for c, r in zip(manifest.labels, recall, strict=True)},
-        "support": {c: int(s) for c, s in zip(manifest.labels, support, strict=True)},
-        "confusion_matrix": confusion_matrix(data.labels, predicted, labels=classes).tolist(),
-    }
+    return classification_summary(predict_all(bundle.model, data.inputs), data.labels, manifest.labels)
