@@ -192,7 +192,7 @@ class WorkerProcess:
         self.env = env or {}
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> WorkerProcess:
+    def start(self, wait: bool = True) -> WorkerProcess:
         with self.log_path.open("a") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "plcsense", "serve", "--config", str(self.config)],
@@ -200,7 +200,8 @@ class WorkerProcess:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self.env},
             )
-        self.wait_ready()
+        if wait:
+            self.wait_ready()
         return self
 
     def get(self, path: str) -> tuple[int, str]:

@@ -65,6 +65,7 @@ def test_model_path_relative_to_config_file(tmp_path, monkeypatch):
         (("port: 9108", "port: 99999"), "metrics.port"),
         (("client_id: line3-worker", "client_id: line3-worker\n  shared_group: g\n  protocol: '3.1.1'"), "mqtt"),
         (("  - name: pump", "  - name: pump\n    colour: red"), "routes.0.colour"),
+        (("encoding: json", "encoding: json\n    qos: 2"), "routes.0.qos"),
     ],
 )
 def test_invalid_settings_rejected(tmp_path, change, where):

@@ -86,3 +86,22 @@ def test_worker_reports_gaps_and_duplicates(broker, sensor_bundle, run_worker, c
     results = out.wait_for(1, "/result")
     assert [x["id"] for x in results] == [f"r{WINDOW - 1}"]
     assert worker.metric("plcsense_errors_total", route="pump", reason="window_reset") == 1
+
+
+def test_after_a_restart_the_window_refills_without_false_alarms(broker, sensor_bundle, run_worker, collectors):
+    """Windows live in memory: after a crash the worker waits for a full window again instead of scoring a
+    partial one (which would look like an anomaly)."""
+    worker = run_worker(broker, [sensor_route(sensor_bundle)], client_id="restarter")
+    out = Collector(broker, "plant/+/pump/result")
+    collectors.append(out)
+    rows = readings(3 * WINDOW)
+    publish_all(broker, "plant/d1/pump", [json.dumps({"data": r, "id": f"a{i}"}) for i, r in enumerate(rows[:WINDOW])])
+    assert len(out.wait_for(1)) == 1
+    worker.kill()
+    worker.start()
+    later = rows[WINDOW : 3 * WINDOW]
+    publish_all(broker, "plant/d1/pump", [json.dumps({"data": r, "id": f"b{i}"}) for i, r in enumerate(later)])
+    results = out.wait_for(1 + WINDOW + 1)
+    after = [r for r in results if r["id"].startswith("b")]
+    assert [r["id"] for r in after] == [f"b{i}" for i in range(WINDOW - 1, 2 * WINDOW)]
+    assert not any(r["is_anomaly"] for r in after)

@@ -263,3 +263,32 @@ def test_reconnects_after_broker_restart(tmp_path, sensor_bundle, run_worker, co
         assert "disconnected from the broker" in worker.log()
     finally:
         broker.stop()
+
+
+def test_plc_topics_that_look_like_output_are_still_inputs(broker, sensor_bundle, run_worker, collectors):
+    """Only a topic this worker could have produced for one of its inputs is skipped as its own output."""
+    worker = run_worker(broker, [sensor_route(sensor_bundle, topic="plant/+/+", encoding="npy")])
+    out = Collector(broker, "plant/#")
+    collectors.append(out)
+    window = io.BytesIO()
+    np.save(window, np.asarray(readings(WINDOW), dtype=np.float32))
+    publish_all(broker, "plant/p1/error", [window.getvalue()])  # a PLC's own alarm channel named "error"
+    [result] = out.wait_for(1, "/result")
+    assert result["topic"] == "plant/p1/error"
+    time.sleep(0.3)
+    assert worker.metric("plcsense_messages_total", route="pump") == 1  # its result was not taken as input
+
+
+def test_encoding_that_does_not_fit_the_model_is_not_ready(broker, sensor_bundle, run_worker):
+    worker = run_worker(broker, [sensor_route(sensor_bundle, encoding="image")], start=False).start(wait=False)
+    deadline = time.monotonic() + 30
+    status, body = 0, ""
+    while time.monotonic() < deadline:
+        try:
+            status, body = worker.get("/readyz")
+            if status == 503 and "connected" not in body:
+                break
+        except OSError:
+            pass
+        time.sleep(0.2)
+    assert status == 503 and "encoding image does not fit the model" in body

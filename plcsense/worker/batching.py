@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -9,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
+log = logging.getLogger("plcsense.worker")
 
 
 class MicroBatcher(Generic[Item]):
@@ -49,6 +51,9 @@ class MicroBatcher(Generic[Item]):
                     closing = True
                     break
                 batch.append(item)
-            self._handle(batch)
+            try:
+                self._handle(batch)
+            except Exception:  # the thread must outlive one bad batch, or the route stalls for good
+                log.exception("batch of %d failed", len(batch))
             if closing:
                 return

@@ -47,6 +47,8 @@ class Job:
     mid: int
     qos: int
     received: float
+    generation: int = 0
+    """The connection the input came on: its packet id means nothing on a later connection."""
     response_topic: str | None = None
     correlation: bytes | None = None
     decoded: Decoded | None = None
@@ -66,10 +68,16 @@ class Route:
         return self.settings.name
 
 
-def _template_regex(template: str) -> re.Pattern[str]:
-    """A regex matching every topic a result/error template can produce, to skip our own output."""
-    parts = re.split(r"(\{topic\}|\{route\})", template)
-    return re.compile("".join(".+" if p in ("{topic}", "{route}") else re.escape(p) for p in parts) + r"\Z")
+def _template_regex(template: str, route: str) -> re.Pattern[str]:
+    """A regex matching every topic a result/error template of ``route`` can produce (group ``topic``: the input)."""
+    pattern, named = "", False
+    for part in re.split(r"(\{topic\}|\{route\})", template):
+        if part == "{topic}":
+            pattern += ".+" if named else "(?P<topic>.+)"
+            named = True
+        else:
+            pattern += re.escape(route) if part == "{route}" else re.escape(part)
+    return re.compile(pattern + r"\Z")
 
 
 class Worker:
@@ -77,7 +85,12 @@ class Worker:
         self.settings = settings
         self.metrics = Metrics()
         self.routes = [Route(r) for r in settings.routes]
-        self._output_patterns = [_template_regex(t) for r in settings.routes for t in (r.result_topic, r.error_topic)]
+        self._output_patterns = [
+            (r.topic, _template_regex(t, r.name)) for r in settings.routes for t in (r.result_topic, r.error_topic)
+        ]
+        self._generation = 0
+        self._subscriptions: dict[int, str] = {}  # SUBSCRIBE mid -> filter, until the SUBACK says how it went
+        self._subscribe_failed: list[str] = []
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._inflight = 0
@@ -99,6 +112,14 @@ class Worker:
                 continue
             manifest = route.bundle.manifest
             spec = manifest.input
+            if (route.settings.encoding == "image") != (spec.kind == "image"):
+                route.load_error = (
+                    f"encoding {route.settings.encoding} does not fit the model, which takes "
+                    f"{'images' if spec.kind == 'image' else 'sensor windows'}"
+                )
+                route.bundle = None
+                log.error("route %s: %s", route.name, route.load_error)
+                continue
             if spec.kind == "sensor":
                 r = route.settings
                 route.windows = WindowStore(
@@ -129,6 +150,10 @@ class Worker:
         broken = [f"{r.name}: {r.load_error}" for r in self.routes if r.bundle is None]
         if broken:
             return False, "models not loaded: " + "; ".join(broken)
+        if self._subscribe_failed:
+            return False, "subscriptions refused: " + "; ".join(self._subscribe_failed)
+        if self._subscriptions:
+            return False, "waiting for the broker to confirm subscriptions"
         if self._draining:
             return False, "shutting down"
         return True, "ready"
@@ -171,6 +196,7 @@ class Worker:
         self.client.loop_stop()
         if self._http:
             self._http.shutdown()
+            self._http.server_close()
         return drained
 
     # ----------------------------------------------------------------- MQTT plumbing
@@ -201,6 +227,8 @@ class Worker:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.suppress_exceptions = True  # a bug in a callback must not end the MQTT loop
         return client
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -209,6 +237,10 @@ class Worker:
             return
         s = self.settings.mqtt
         log.info("connected to %s (session present: %s)", s.url, flags.session_present)
+        with self._lock:
+            self._generation += 1
+            self._subscriptions.clear()
+            self._subscribe_failed.clear()
         for route in self.routes:
             topic = route.settings.topic
             if s.protocol == "5":
@@ -216,12 +248,24 @@ class Worker:
                 if shared:
                     topic = f"$share/{s.shared_group}/{topic}"
                 # No Local keeps our own results out; it is not allowed on shared subscriptions.
-                client.subscribe(topic, options=SubscribeOptions(qos=route.settings.qos, noLocal=not shared))
+                _, mid = client.subscribe(topic, options=SubscribeOptions(qos=route.settings.qos, noLocal=not shared))
             else:
-                client.subscribe(topic, qos=route.settings.qos)
+                _, mid = client.subscribe(topic, qos=route.settings.qos)
+            self._subscriptions[mid] = topic
         self._track(client.publish(s.status_topic, "online", qos=1, retain=True).mid, None)
         self._connected.set()
         self.metrics.connected.set(1)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list, props: Any) -> None:
+        topic = self._subscriptions.pop(mid, "?")
+        for reason in reasons:
+            if getattr(reason, "is_failure", False):
+                log.error(
+                    "broker refused the subscription to %s (%s); check its ACL and shared-subscription support",
+                    topic,
+                    reason,
+                )
+                self._subscribe_failed.append(f"{topic}: {reason}")
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self._connected.clear()
@@ -229,8 +273,16 @@ class Worker:
         if not self._draining:
             log.warning("disconnected from the broker (%s); reconnecting", reason)
 
+    def _is_own_output(self, topic: str) -> bool:
+        """A result or error this worker (or a sibling) published for an input one of its routes takes."""
+        for route_filter, pattern in self._output_patterns:
+            match = pattern.match(topic)
+            if match and ("topic" not in match.groupdict() or mqtt.topic_matches_sub(route_filter, match["topic"])):
+                return True
+        return False
+
     def _route_for(self, topic: str) -> Route | None:
-        if topic == self.settings.mqtt.status_topic or any(p.match(topic) for p in self._output_patterns):
+        if topic == self.settings.mqtt.status_topic or self._is_own_output(topic):
             return None
         for route in self.routes:
             if mqtt.topic_matches_sub(route.settings.topic, topic):
@@ -238,9 +290,20 @@ class Worker:
         return None
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if self._draining:
-            return  # not acknowledged: the broker keeps it for our next session
+        try:
+            self._handle_message(client, msg)
+        except Exception:  # nothing may escape into paho's network thread: it would stop the MQTT loop
+            log.exception("unexpected failure handling a message on %s; it stays unacknowledged", msg.topic)
+
+    def _handle_message(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
         route = self._route_for(msg.topic)
+        with self._lock:
+            if self._draining:
+                return  # not acknowledged: the broker keeps it for our next session
+            if route is not None:
+                self._inflight += 1
+                self.metrics.inflight.set(self._inflight)
+            generation = self._generation
         if route is None:  # our own output (or a stray topic): acknowledge and ignore
             client.ack(msg.mid, msg.qos)
             return
@@ -251,18 +314,16 @@ class Worker:
             msg.mid,
             msg.qos,
             time.monotonic(),
+            generation,
             response_topic=getattr(props, "ResponseTopic", None),
             correlation=getattr(props, "CorrelationData", None),
         )
         self.metrics.messages.labels(route.name).inc()
-        with self._lock:
-            self._inflight += 1
-            self.metrics.inflight.set(self._inflight)
         try:
             self._accept(job, msg.payload)
         except InputError as exc:
             self._publish_error(job, exc.code, exc.detail, exc.id)
-        except Exception as exc:  # nothing may escape into paho's network thread
+        except Exception as exc:
             log.exception("route %s: unexpected failure on %s", route.name, msg.topic)
             self._publish_error(job, "internal", f"{type(exc).__name__}: {exc}")
 
@@ -326,7 +387,7 @@ class Worker:
             try:
                 self._publish_result(job, bundle, output)
             except Exception as exc:
-                log.exception("cannot publish a result on %s", job.topic)
+                log.exception("cannot build a result for %s", job.topic)
                 self._publish_error(job, "internal", f"{type(exc).__name__}: {exc}")
 
     def _publish_result(self, job: Job, bundle: Bundle, output: np.ndarray) -> None:
@@ -380,12 +441,17 @@ class Worker:
         if job.correlation is not None:
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = job.correlation
-        info = self.client.publish(
-            topic, json.dumps(doc, separators=(",", ":")), qos=job.route.settings.qos, properties=props
-        )
-        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            # Not queued by paho (e.g. over the broker's size limit): leave the input unacknowledged.
-            log.error("publish to %s failed (%s); input stays unacknowledged", topic, mqtt.error_string(info.rc))
+        qos = job.route.settings.qos
+        try:
+            info = self.client.publish(topic, json.dumps(doc, separators=(",", ":")), qos=qos, properties=props)
+        except (ValueError, TypeError) as exc:  # e.g. a response topic with wildcards
+            log.error("cannot publish to %r (%s); the input stays unacknowledged", topic, exc)
+            self._abandon(job)
+            return
+        queued = info.rc == mqtt.MQTT_ERR_SUCCESS or (info.rc == mqtt.MQTT_ERR_NO_CONN and qos > 0)
+        if not queued:  # paho did not keep it: leave the input unacknowledged, the broker redelivers it
+            log.error("publish to %s failed (%s); the input stays unacknowledged", topic, mqtt.error_string(info.rc))
+            self._abandon(job)
             return
         self._track(info.mid, job)
 
@@ -405,13 +471,24 @@ class Worker:
                 self._early_acks.add(mid)
                 return
             job = self._pending.pop(mid)
-        if job is not None:
-            self._finish(job)
+        if job is None:
+            return
+        if getattr(reason, "is_failure", False):  # MQTT 5: the broker refused our answer (not authorised...)
+            log.error("broker refused the answer for %s (%s); the input stays unacknowledged", job.topic, reason)
+            self._abandon(job)
+            return
+        self._finish(job)
 
     def _finish(self, job: Job) -> None:
         """The answer is with the broker (or none is owed): acknowledge the input."""
-        if job.qos:
+        with self._lock:
+            current = job.generation == self._generation
+        if job.qos and current:  # after a reconnect the broker redelivers it; an old packet id could hit another
             self.client.ack(job.mid, job.qos)
+        self._abandon(job)
+
+    def _abandon(self, job: Job) -> None:
+        """Stop tracking ``job`` (answered, or left unacknowledged for the broker to redeliver)."""
         with self._lock:
             self._inflight -= 1
             self.metrics.inflight.set(self._inflight)

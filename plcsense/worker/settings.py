@@ -102,7 +102,9 @@ class RouteSettings(_Section):
     max_batch: int = Field(16, ge=1, le=1024)
     max_wait_ms: float = Field(5.0, ge=0)
     """How long the first message of a batch waits for company before the batch runs."""
-    qos: Literal[0, 1, 2] = 1
+    qos: Literal[0, 1] = 1
+    """1: nothing lost (inputs acknowledged only once answered); 0: fire and forget, for high-rate data.
+    QoS 2 is not offered: the broker considers a QoS 2 message delivered before the worker has answered it."""
     window_stride: int = Field(1, ge=1)
     """Windowed sensor models: score every n-th reading once the window is full."""
     max_gap_s: float | None = Field(None, gt=0)
