@@ -58,7 +58,10 @@ def _train(args: argparse.Namespace) -> int:
             min_agreement=args.min_agreement,
             name=args.name,
             version=args.model_version,
+            class_weights=not args.no_class_weights,
         )
+        if args.learning_rate:
+            cfg.learning_rate = args.learning_rate
         bundle = train_sensor_classifier(Path(args.data[0]), Path(args.out), cfg)
     else:
         from plcsense.training.sensors import SensorTrainConfig, train_sensor_anomaly
@@ -276,7 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     from plcsense.models.bundle import BundleError
     from plcsense.training.data import DataError
 
+    one_folder = args.command == "train" and (args.kind == "images" or args.task in ("classify", "classification"))
+    if one_folder and len(args.data) > 1:
+        print("plcsense: give one data folder (of class folders, or with train/ val/ test/)", file=sys.stderr)
+        return 2
     expected: tuple[type[Exception], ...] = (BundleError, DataError, FileExistsError, FileNotFoundError)
+    if args.command == "simulate":
+        expected += (OSError,)  # the broker is unreachable
     if args.command == "train":
         from plcsense.models.backbones import WeightsError
         from plcsense.training.export import ExportError
@@ -286,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except expected as exc:
         print(f"plcsense: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        print(
+            f"plcsense: {exc.name} is not installed; training and evaluation need pip install 'plcsense[train]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         return 130

@@ -103,5 +103,9 @@ def test_after_a_restart_the_window_refills_without_false_alarms(broker, sensor_
     publish_all(broker, "plant/d1/pump", [json.dumps({"data": r, "id": f"b{i}"}) for i, r in enumerate(later)])
     results = out.wait_for(1 + WINDOW + 1)
     after = [r for r in results if r["id"].startswith("b")]
-    assert [r["id"] for r in after] == [f"b{i}" for i in range(WINDOW - 1, 2 * WINDOW)]
+    first = int(after[0]["id"][1:])
+    # The window refills from scratch; the one reading the killed worker had not yet acknowledged comes back
+    # from the broker and may count towards it, never more.
+    assert first in (WINDOW - 2, WINDOW - 1)
+    assert [r["id"] for r in after] == [f"b{i}" for i in range(first, 2 * WINDOW)]
     assert not any(r["is_anomaly"] for r in after)

@@ -87,8 +87,8 @@ def _train_ar(tables: list[SensorTable], out: Path, cfg: SensorTrainConfig, name
     from plcsense.training.detectors import DetectorSettings, build_detector
 
     values = np.concatenate([_normal_rows(t) for t in tables])
-    settings = DetectorSettings().with_window(cfg.window)
     try:
+        settings = DetectorSettings().with_window(cfg.window)
         scorer, threshold = build_detector(values, settings=settings)
     except ValueError as exc:
         raise DataError(str(exc)) from None

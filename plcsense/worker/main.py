@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -46,14 +47,22 @@ def serve(config: Path | None) -> int:
     settings = read_settings(config)
     if settings is None:
         return 2
-    logging.getLogger().setLevel(settings.log_level)
-    worker = Worker(settings)
+    if logging.getLogger().level != logging.DEBUG:  # plcsense -v wins over the file's log_level
+        logging.getLogger().setLevel(settings.log_level)
     stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if stop.is_set():  # a second Ctrl-C / SIGTERM: stop waiting for the drain
+            log.warning("second signal: exiting without waiting for in-flight messages (the broker keeps them)")
+            os._exit(1)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
+        worker = Worker(settings)
         worker.start()
-    except OSError as exc:  # e.g. the metrics port is taken
+    except (OSError, ValueError) as exc:  # a taken metrics port, unreadable TLS files...
         print(f"plcsense serve: cannot start: {exc}", file=sys.stderr)
         return 2
     stop.wait()

@@ -342,6 +342,9 @@ class Worker:
             if topic.message_type in ("NDEATH", "DDEATH", "NCMD", "DCMD"):
                 with contextlib.suppress(InputError):  # lifecycle messages: forget the aliases, nothing to answer
                     route.sparkplug.decode(topic, payload)
+                if topic.message_type.endswith("DEATH") and route.windows is not None:
+                    # readings from before and after a rebirth must not share a window
+                    route.windows.forget("/".join(p for p in topic.key if p))
                 self._finish(job)
                 return
             reading = route.sparkplug.decode(topic, payload)
@@ -433,7 +436,7 @@ class Worker:
             "id": job.decoded.id if job.decoded else msg_id,
             "ts": time.time(),
         }
-        topic = job.route.settings.error_topic.format(topic=job.topic, route=job.route.name)
+        topic = job.response_topic or job.route.settings.error_topic.format(topic=job.topic, route=job.route.name)
         self._publish(job, topic, doc)
 
     def _publish(self, job: Job, topic: str, doc: dict[str, Any]) -> None:

@@ -61,6 +61,11 @@ class WindowStore:
     def __len__(self) -> int:
         return len(self._devices)
 
+    def forget(self, prefix: str) -> None:
+        """Drop the windows of ``prefix`` and of every device below it (``prefix/...``)."""
+        for key in [k for k in self._devices if k == prefix or k.startswith(prefix + "/")]:
+            del self._devices[key]
+
     def push(self, key: str, reading: np.ndarray, ts: float | None = None) -> Pushed:
         """Add one reading of device ``key`` (``ts`` in seconds when the PLC sent one)."""
         device = self._devices.get(key)
