@@ -85,7 +85,7 @@ def export_bundle(
     quantization: Quantization | None = None,
     report: Callable[[LiteRTModel, Path], None] | None = None,
 ) -> Bundle:
-    """Write the bundle to ``out`` atomically and load it back through the same checks the worker runs.
+    """Write the bundle beside ``out``, swap it in by renames, and load it back through the worker's checks.
 
     ``score`` measures a LiteRT model (not the Keras one) on held-out data; the figures of the exported variant
     go into the manifest's metrics, those of every variant into ``variants``, so the numbers a user reads are
@@ -126,7 +126,10 @@ def export_bundle(
         report(lite, staging / "report")
     model.save(staging / "model.keras")
     write_manifest(staging, manifest)
-    if out.exists():
-        shutil.rmtree(out)
+    previous = out.with_name(out.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if out.exists():  # keep the old bundle until the new one is in place: never a moment with neither
+        out.rename(previous)
     staging.rename(out)
+    shutil.rmtree(previous, ignore_errors=True)
     return load_bundle(out)
