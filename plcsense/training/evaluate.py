@@ -18,12 +18,18 @@ def predict_all(model: LiteRTModel, inputs: np.ndarray) -> np.ndarray:
     return np.concatenate([model.predict(inputs[i : i + BATCH]) for i in range(0, len(inputs), BATCH)])
 
 
+def _normalised(probabilities: np.ndarray) -> np.ndarray:
+    clipped = np.clip(probabilities.astype(np.float64), 1e-7, 1)
+    return clipped / clipped.sum(axis=1, keepdims=True)
+
+
 def classification_scores(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     classes = np.arange(probabilities.shape[1])
     return {
         "n": len(labels),
         "accuracy": float(accuracy_score(labels, probabilities.argmax(axis=1))),
-        "loss": float(log_loss(labels, np.clip(probabilities, 1e-7, 1), labels=classes)),
+        # int8 outputs are quantised: renormalise so they are a distribution again before the log loss
+        "loss": float(log_loss(labels, _normalised(probabilities), labels=classes)),
     }
 
 
