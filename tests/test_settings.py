@@ -66,6 +66,8 @@ def test_model_path_relative_to_config_file(tmp_path, monkeypatch):
         (("client_id: line3-worker", "client_id: line3-worker\n  shared_group: g\n  protocol: '3.1.1'"), "mqtt"),
         (("  - name: pump", "  - name: pump\n    colour: red"), "routes.0.colour"),
         (("encoding: json", "encoding: json\n    qos: 2"), "routes.0.qos"),
+        (("client_id: line3-worker", "client_id: line3-worker\n  tls_insecure: true"), "mqtt"),
+        (("url: mqtt://127.0.0.1:1883", "url: mqtt://plc:secret@127.0.0.1:1883"), "mqtt"),
     ],
 )
 def test_invalid_settings_rejected(tmp_path, change, where):

@@ -51,7 +51,9 @@ class Metrics:
         self.model_info = Gauge(
             "plcsense_model_info", "Loaded model bundles", ["route", "model", "version"], registry=r
         )
-        self.windows = Gauge("plcsense_tracked_windows", "Devices with a sliding window in memory", registry=r)
+        self.windows = Gauge(
+            "plcsense_tracked_windows", "Devices with a sliding window in memory", ["route"], registry=r
+        )
 
     def expose(self) -> bytes:
         return generate_latest(self.registry)

@@ -356,7 +356,7 @@ class Worker:
         if job.decoded.is_reading:
             assert route.windows is not None
             pushed = route.windows.push(device, job.decoded.array, reading_time(job.decoded.ts))
-            self.metrics.windows.set(len(route.windows))
+            self.metrics.windows.labels(route.name).set(len(route.windows))
             if pushed.gap_s is not None:
                 limit = route.settings.max_gap_s
                 raise InputError(

@@ -70,6 +70,11 @@ class MqttSettings(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> MqttSettings:
+        parts = urlsplit(self.url)
+        if parts.username or parts.password:
+            raise ValueError("put credentials in mqtt.username / mqtt.password, not in the url")
+        if not self.tls and (self.ca_file or self.cert_file or self.tls_insecure):
+            raise ValueError("TLS settings given but the url is not mqtts://; use mqtts://host:8883")
         if self.shared_group and self.protocol != "5":
             raise ValueError("shared_group needs protocol 5")
         if (self.cert_file is None) != (self.key_file is None):
