@@ -56,20 +56,35 @@ def main() -> None:
     out = args.workdir / f"bundle-{args.arch}-{args.quantize}"
     shutil.rmtree(out, ignore_errors=True)
     cfg = ImageTrainConfig(
-        arch=args.arch, weights=None if args.weights == "none" else args.weights, image_size=args.image_size,
-        epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, fine_tune_layers=args.fine_tune_layers,
-        quantize=args.quantize, augment=None if args.no_augment else Augment(), name="neu",
+        arch=args.arch,
+        weights=None if args.weights == "none" else args.weights,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        fine_tune_epochs=args.fine_tune_epochs,
+        fine_tune_layers=args.fine_tune_layers,
+        quantize=args.quantize,
+        augment=Augment.parse("none" if args.no_augment else "auto", args.arch),
+        name="neu",
     )
     started = time.perf_counter()
     train_images(args.workdir / "split" / "train", out, cfg)
     train_seconds = time.perf_counter() - started
     bundle = load_bundle(out)
     scores = evaluate(bundle, args.workdir / "split" / "test")
-    print(json.dumps({
-        "arch": args.arch, "quantize": args.quantize, "test_n": scores["n"], "test_accuracy": scores["accuracy"],
-        "test_loss": scores["loss"], "train_seconds": round(train_seconds, 1),
-        "model_bytes": (out / "model.tflite").stat().st_size, "variants": bundle.manifest.variants,
-    }))
+    print(
+        json.dumps(
+            {
+                "arch": args.arch,
+                "quantize": args.quantize,
+                "test_n": scores["n"],
+                "test_accuracy": scores["accuracy"],
+                "test_loss": scores["loss"],
+                "train_seconds": round(train_seconds, 1),
+                "model_bytes": (out / "model.tflite").stat().st_size,
+                "variants": bundle.manifest.variants,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def _train(args: argparse.Namespace) -> int:
             seed=args.seed,
             val_split=args.val_split,
             test_split=args.test_split,
-            augment=None if args.no_augment else Augment(),
+            augment=Augment.parse("none" if args.no_augment else args.augment, args.arch),
             class_weights=not args.no_class_weights,
             tensorboard=Path(args.tensorboard) if args.tensorboard else None,
             quantize=args.quantize,
@@ -194,7 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     images.add_argument("--fine-tune-epochs", type=int, default=10)
     images.add_argument("--learning-rate", type=float, default=None, help="head/scratch learning rate (1e-3)")
-    images.add_argument("--no-augment", action="store_true", help="no flips, rotations, zoom, contrast...")
+    images.add_argument(
+        "--augment",
+        default="auto",
+        help="auto (all for backbones, flips for scratch), none, or a list of "
+        "flip,rotation,zoom,translation,contrast,brightness",
+    )
+    images.add_argument("--no-augment", action="store_true", help="same as --augment none")
     images.add_argument("--no-class-weights", action="store_true", help="do not rebalance imbalanced classes")
     images.add_argument("--tensorboard", help="write TensorBoard logs to this directory")
     images.add_argument("--quantize", choices=["none", "float16", "int8"], default="none")
