@@ -21,7 +21,7 @@ from plcsense.models.bundle import Bundle, ImageSpec, new_manifest
 from plcsense.training.data import IMAGE_SUFFIXES, DataError, ImageSet, class_folders, load_image_folder
 from plcsense.training.evaluate import classification_scores, predict_all
 from plcsense.training.export import Quantization, Quantize, check_output_dir, export_bundle
-from plcsense.training.splits import split_indices
+from plcsense.training.splits import balanced_class_weights, split_indices
 
 log = logging.getLogger("plcsense.training")
 
@@ -196,13 +196,7 @@ def train_images(data_dir: Path, out: Path, cfg: ImageTrainConfig) -> Bundle:
         aug = augmentation(**vars(cfg.augment), seed=cfg.seed)
         inputs = keras.Input(spec.shape)
         trainer = keras.Model(inputs, net.model(aug(inputs)))
-    class_weight = None
-    if cfg.class_weights:
-        from sklearn.utils.class_weight import compute_class_weight
-
-        present = np.unique(splits.train[1])
-        balanced = compute_class_weight("balanced", classes=present, y=splits.train[1])
-        class_weight = {int(c): float(w) for c, w in zip(present, balanced, strict=True)}
+    class_weight = balanced_class_weights(splits.train[1], len(splits.classes)) if cfg.class_weights else None
 
     patience = cfg.patience or (12 if cfg.arch == "scratch" else 5)
 

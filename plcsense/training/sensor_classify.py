@@ -19,7 +19,7 @@ import numpy as np
 from plcsense.models.bundle import Bundle, SensorSpec, new_manifest
 from plcsense.training.data import DataError, class_folders, read_sensor_csv
 from plcsense.training.evaluate import classification_scores, classification_summary, predict_all
-from plcsense.training.splits import split_indices
+from plcsense.training.splits import balanced_class_weights, split_indices
 
 if TYPE_CHECKING:  # TensorFlow only for training: evaluating a bundle needs LiteRT alone
     import keras
@@ -158,17 +158,6 @@ def cnn1d(
     return keras.Model(inputs, outputs, name="cnn1d")
 
 
-def _class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
-    """Balanced weights (inverse class frequency) for the classes present; absent ones keep weight 1."""
-    from sklearn.utils.class_weight import compute_class_weight
-
-    present = np.unique(labels)
-    weights = compute_class_weight("balanced", classes=present, y=labels)
-    table = dict.fromkeys(range(num_classes), 1.0)
-    table.update({int(c): float(w) for c, w in zip(present, weights, strict=True)})
-    return table
-
-
 def train_sensor_classifier(data_dir: Path, out: Path, cfg: SensorClassifyConfig) -> Bundle:
     """Train a :func:`cnn1d` on ``data_dir/<class>/*.csv`` and export a verified bundle to ``out``.
 
@@ -230,7 +219,7 @@ def train_sensor_classifier(data_dir: Path, out: Path, cfg: SensorClassifyConfig
             validation_data=(data.inputs[val], data.labels[val]),
             epochs=cfg.epochs,
             batch_size=cfg.batch_size,
-            class_weight=_class_weights(data.labels[train], len(data.classes)) if cfg.class_weights else None,
+            class_weight=balanced_class_weights(data.labels[train], len(data.classes)) if cfg.class_weights else None,
             verbose=1 if sys.stdout.isatty() else 2,
             callbacks=callbacks,
         )

@@ -24,3 +24,14 @@ def split_indices(labels: np.ndarray, val: float, test: float, seed: int) -> tup
     rest, test_idx = split(index, test)
     train_idx, val_idx = split(rest, val / (1 - test) if test < 1 else 0)
     return train_idx, val_idx, test_idx
+
+
+def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """Balanced weights (inverse class frequency) for the classes present; absent ones keep weight 1."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(labels)
+    weights = compute_class_weight("balanced", classes=present, y=labels)
+    table = dict.fromkeys(range(num_classes), 1.0)
+    table.update({int(c): float(w) for c, w in zip(present, weights, strict=True)})
+    return table
