@@ -9,7 +9,6 @@ decay on plateaus, optional TensorBoard logs; Ctrl-C ends training and exports t
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -21,6 +20,7 @@ from plcsense.models.bundle import Bundle, ImageSpec, new_manifest
 from plcsense.training.data import IMAGE_SUFFIXES, DataError, ImageSet, class_folders, load_image_folder
 from plcsense.training.evaluate import classification_scores, predict_all
 from plcsense.training.export import Quantization, Quantize, check_output_dir, export_bundle
+from plcsense.training.fitting import fit_keeping_best
 from plcsense.training.splits import balanced_class_weights, split_indices
 
 log = logging.getLogger("plcsense.training")
@@ -134,28 +134,6 @@ def load_splits(data_dir: Path, spec: ImageSpec, cfg: ImageTrainConfig) -> Split
     return Splits(data.classes, *((data.images[i], data.labels[i]) for i in (tr, va, te)))
 
 
-def _fit(model, train, val, epochs: int, callbacks: list, class_weight, batch_size: int) -> dict[str, list[float]]:
-    """One training phase; Ctrl-C ends it and keeps the best weights seen so far."""
-    early = next(c for c in callbacks if type(c).__name__ == "EarlyStopping")
-    try:
-        history = model.fit(
-            train[0],
-            train[1],
-            validation_data=val,
-            epochs=epochs,
-            batch_size=batch_size,
-            callbacks=callbacks,
-            class_weight=class_weight,
-            verbose=1 if sys.stdout.isatty() else 2,
-        )
-        return history.history
-    except KeyboardInterrupt:
-        if early.best_weights is not None:
-            model.set_weights(early.best_weights)
-        log.warning("training interrupted: exporting the best model so far")
-        raise
-
-
 def train_images(data_dir: Path, out: Path, cfg: ImageTrainConfig) -> Bundle:
     import keras
 
@@ -216,7 +194,15 @@ def train_images(data_dir: Path, out: Path, cfg: ImageTrainConfig) -> Bundle:
         return model
 
     def fit(model: keras.Model, train: tuple, val: tuple, epochs: int) -> dict[str, list[float]]:
-        return _fit(model, train, val, epochs, callbacks(), class_weight, cfg.batch_size)
+        return fit_keeping_best(
+            model,
+            train,
+            val,
+            epochs=epochs,
+            batch_size=cfg.batch_size,
+            callbacks=callbacks(),
+            class_weight=class_weight,
+        )
 
     history: dict[str, list[float]] = {}
     interrupted = False

@@ -9,7 +9,6 @@ per-channel normalisation inside the graph.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +23,7 @@ from plcsense.training.splits import balanced_class_weights, split_indices
 if TYPE_CHECKING:  # TensorFlow only for training: evaluating a bundle needs LiteRT alone
     import keras
 
-    from plcsense.training.export import Quantize
+from plcsense.training.export import Quantize
 
 log = logging.getLogger("plcsense.training")
 
@@ -169,6 +168,7 @@ def train_sensor_classifier(data_dir: Path, out: Path, cfg: SensorClassifyConfig
     import keras
 
     from plcsense.training.export import Quantization, check_output_dir, export_bundle
+    from plcsense.training.fitting import fit_keeping_best
     from plcsense.training.report import classification_report_files
 
     check_output_dir(out)
@@ -212,22 +212,19 @@ def train_sensor_classifier(data_dir: Path, out: Path, cfg: SensorClassifyConfig
     if cfg.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(cfg.tensorboard)))
     interrupted = False
+    class_weight = balanced_class_weights(data.labels[train], len(data.classes)) if cfg.class_weights else None
     try:
-        model.fit(
-            data.inputs[train],
-            data.labels[train],
-            validation_data=(data.inputs[val], data.labels[val]),
+        fit_keeping_best(
+            model,
+            (data.inputs[train], data.labels[train]),
+            (data.inputs[val], data.labels[val]),
             epochs=cfg.epochs,
             batch_size=cfg.batch_size,
-            class_weight=balanced_class_weights(data.labels[train], len(data.classes)) if cfg.class_weights else None,
-            verbose=1 if sys.stdout.isatty() else 2,
             callbacks=callbacks,
+            class_weight=class_weight,
         )
     except KeyboardInterrupt:
         interrupted = True
-        if early.best_weights is not None:
-            model.set_weights(early.best_weights)
-        log.warning("training interrupted: exporting the best model so far")
     history = {k: [float(v) for v in vs] for k, vs in callbacks[2].history.items() if k != "learning_rate"}
 
     spec = SensorSpec(channels=data.channels, window=data.window, mean=mean.tolist(), std=std.tolist())
@@ -251,9 +248,7 @@ def train_sensor_classifier(data_dir: Path, out: Path, cfg: SensorClassifyConfig
         probabilities = predict_all(lite, data.inputs[held_out])
         classification_report_files(folder, probabilities, data.labels[held_out], data.classes, history=history)
 
-    # export calibrates int8 ranges on the first samples it is given: shuffle so that every class is among them
-    representative = data.inputs[np.random.default_rng(cfg.seed).permutation(train)]
-    quantization = Quantization(cfg.quantize, representative, cfg.min_agreement)
+    quantization = Quantization(cfg.quantize, data.inputs[train], cfg.min_agreement)  # export samples it at random
     return export_bundle(out, model, manifest, data.inputs[held_out], score, quantization=quantization, report=report)
 
 
