@@ -79,7 +79,7 @@ import sys, numpy as np
 from plcsense.worker.service import Worker
 from plcsense.worker.settings import Settings
 from plcsense.models.bundle import load_bundle
-from plcsense.worker.decoding import decode
+from plcsense.worker.decoders import decode
 import plcsense.cli, plcsense.simulate, plcsense.worker.main
 b = load_bundle({str(sensor_bundle)!r}); load_bundle({str(image_bundle)!r})
 b.model.predict(np.zeros((2, b.manifest.input.window, 3), np.float32))

@@ -11,7 +11,7 @@ from PIL import Image
 
 from plcsense.models.bundle import ImageSpec, Manifest, SensorSpec
 from plcsense.models.inputs import InputError
-from plcsense.worker.decoding import decode
+from plcsense.worker.decoders import decode
 
 SENSOR = Manifest(
     schema_version=1,

@@ -17,7 +17,7 @@ from plcsense.models.backbones import BACKBONES, WeightsError, build_backbone, c
 from plcsense.models.bundle import load_bundle
 from plcsense.training.export import ExportError
 from plcsense.training.images import ImageTrainConfig, train_images
-from plcsense.worker.decoding import decode
+from plcsense.worker.decoders import decode
 from tests.conftest import SHARED_DATA, write_image_folder
 
 WEIGHTS = SHARED_DATA.parent / "weights" / "mobilenet_v2_1.0_224_no_top.h5"

@@ -126,10 +126,11 @@ def test_bad_inputs_answered_with_errors(broker, sensor_bundle, image_bundle, ru
     publish_all(broker, "plant/p1/pump", [b'["a", "b", "c"]', b'{"id": 5}', b"[1e400, 0, 0]"])
 
     errors = out.wait_for(8, "/error")
-    assert [e["error"] for e in errors[:4]] == list(bad_sensor)
-    assert errors[1]["id"] == "short" and errors[1]["topic"] == "plant/p1/pump"
-    assert errors[4]["error"] == "undecodable_image" and errors[4]["topic"] == "line/1/cam"
-    assert [e["error"] for e in errors[5:]] == ["bad_shape", "invalid_json", "non_finite"]
+    # answers keep arrival order within a route; routes run side by side (images decode off the network thread)
+    sensor = [e for e in errors if e["topic"] == "plant/p1/pump"]
+    assert [e["error"] for e in sensor] == [*bad_sensor, "bad_shape", "invalid_json", "non_finite"]
+    assert sensor[1]["id"] == "short"
+    assert [e["error"] for e in errors if e["topic"] == "line/1/cam"] == ["undecodable_image"]
     assert all(e["detail"] for e in errors)
 
     # still serving after all that

@@ -1,22 +1,37 @@
-"""Prometheus metrics and the small HTTP server for /metrics, /healthz and /readyz."""
+"""Prometheus metrics and the small HTTP server for /metrics, /healthz and /readyz.
+
+Names follow client_python's conventions: units in the name, counters exposed with ``_total``. Histograms of
+inference carry ``route``, ``model`` and ``version`` so they join ``plcsense_model_info`` without relabelling.
+"""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
+from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    generate_latest,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
 )
+from prometheus_client.exposition import MetricsHandler
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_MODEL = ["route", "model", "version"]
+
+
+def _version() -> str:
+    try:
+        return version("plcsense")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 class Metrics:
@@ -25,16 +40,30 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # memory, CPU, open files, start time
+        PlatformCollector(registry=r)
+        Info("plcsense_build", "plcsense version", registry=r).info({"version": _version()})
         self.messages = Counter("plcsense_messages", "Messages received, good or bad", ["route"], registry=r)
         self.results = Counter("plcsense_results", "Results published", ["route"], registry=r)
         self.errors = Counter("plcsense_errors", "Inputs answered with an error", ["route", "reason"], registry=r)
         self.anomalies = Counter("plcsense_anomalies", "Results flagged as anomalies", ["route"], registry=r)
-        self.inference = Histogram(
-            "plcsense_inference_seconds",
-            "LiteRT invoke time per batch",
-            ["model"],
-            buckets=_LATENCY_BUCKETS,
+        self.ignored = Counter(
+            "plcsense_ignored_messages",
+            "Messages acknowledged without an answer (answers, status)",
+            ["reason"],
             registry=r,
+        )
+        self.answers_dropped = Counter(
+            "plcsense_answers_dropped",
+            "Answers that could not be delivered (refused by the broker, unusable response topic)",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.connect_failures = Counter(
+            "plcsense_mqtt_connect_failures", "Failed connection attempts, by cause", ["reason"], registry=r
+        )
+        self.inference = Histogram(
+            "plcsense_inference_seconds", "LiteRT invoke time per batch", _MODEL, buckets=_LATENCY_BUCKETS, registry=r
         )
         self.latency = Histogram(
             "plcsense_message_latency_seconds",
@@ -44,29 +73,38 @@ class Metrics:
             registry=r,
         )
         self.batch_size = Histogram(
-            "plcsense_batch_size", "Inputs per LiteRT invoke", ["model"], buckets=_BATCH_BUCKETS, registry=r
+            "plcsense_batch_size", "Inputs per LiteRT invoke", _MODEL, buckets=_BATCH_BUCKETS, registry=r
         )
-        self.inflight = Gauge("plcsense_inflight_messages", "Messages received but not yet answered", registry=r)
+        self.inflight = Gauge("plcsense_inflight_messages", "Messages received but not yet acknowledged", registry=r)
+        self.saturated = Gauge(
+            "plcsense_intake_saturated",
+            "1 while intake waits for room (max_inflight or a route's max_pending)",
+            registry=r,
+        )
+        self.saturations = Counter("plcsense_intake_saturations", "Times intake had to wait for room", registry=r)
         self.connected = Gauge("plcsense_mqtt_connected", "1 while connected to the broker", registry=r)
-        self.model_info = Gauge(
-            "plcsense_model_info", "Loaded model bundles", ["route", "model", "version"], registry=r
-        )
+        self.model_info = Gauge("plcsense_model_info", "Loaded model bundles", _MODEL, registry=r)
         self.windows = Gauge(
             "plcsense_tracked_windows", "Devices with a sliding window in memory", ["route"], registry=r
         )
-
-    def expose(self) -> bytes:
-        return generate_latest(self.registry)
+        self.evictions = Counter(
+            "plcsense_window_evictions", "Device windows dropped to stay within max_devices", ["route"], registry=r
+        )
 
 
 def serve_http(host: str, port: int, metrics: Metrics, ready: Callable[[], tuple[bool, str]]) -> ThreadingHTTPServer:
-    """Start the HTTP server on a daemon thread; ``ready`` returns (ready, reason)."""
+    """Start the HTTP server on a daemon thread; ``ready`` returns (ready, reason).
 
-    class Handler(BaseHTTPRequestHandler):
+    /metrics is client_python's own handler (content negotiation for OpenMetrics, gzip).
+    """
+
+    class Handler(MetricsHandler):
+        registry = metrics.registry
+
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                self._reply(200, metrics.expose(), CONTENT_TYPE_LATEST)
+                super().do_GET()
             elif path == "/healthz":
                 self._reply(200, b"ok\n")
             elif path == "/readyz":
@@ -75,9 +113,9 @@ def serve_http(host: str, port: int, metrics: Metrics, ready: Callable[[], tuple
             else:
                 self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
 
-        def _reply(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+        def _reply(self, status: int, body: bytes) -> None:
             self.send_response(status)
-            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

@@ -116,6 +116,11 @@ class RouteSettings(_Section):
     """Windowed sensor models: a longer silence (by the readings' ts, else arrival) restarts the window."""
     max_devices: int = Field(10_000, ge=1)
     """Windowed sensor models: devices (topics) tracked at once; the least recently seen is dropped."""
+    max_pending: int | None = Field(None, ge=1)
+    """Inputs of this route received and not yet answered; when reached, intake waits (nothing is dropped).
+    Default: 4 x max_batch for image routes (decoded images are large), otherwise only ``mqtt.max_inflight``."""
+    decode_threads: int = Field(2, ge=1, le=64)
+    """Image routes: images decoded at once, off the MQTT network thread."""
 
     @field_validator("topic")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -48,7 +49,14 @@ class Pushed:
 
 class WindowStore:
     def __init__(
-        self, window: int, channels: int, *, stride: int = 1, max_gap_s: float | None = None, max_devices: int = 10_000
+        self,
+        window: int,
+        channels: int,
+        *,
+        stride: int = 1,
+        max_gap_s: float | None = None,
+        max_devices: int = 10_000,
+        on_evict: Callable[[], object] | None = None,
     ) -> None:
         self.window = window
         self.channels = channels
@@ -56,6 +64,7 @@ class WindowStore:
         self.max_gap_s = max_gap_s
         self.max_devices = max_devices
         self.evicted = 0
+        self._on_evict = on_evict
         self._devices: OrderedDict[str, _Device] = OrderedDict()
 
     def __len__(self) -> int:
@@ -75,6 +84,8 @@ class WindowStore:
             if len(self._devices) > self.max_devices:
                 self._devices.popitem(last=False)
                 self.evicted += 1
+                if self._on_evict:
+                    self._on_evict()
         else:
             self._devices.move_to_end(key)
         if ts is not None and device.last_ts is not None and ts <= device.last_ts:

@@ -1,0 +1,343 @@
+"""The message path, top to bottom: route -> size check -> decode -> window -> micro-batch -> LiteRT -> document.
+
+Nothing here knows MQTT. The transport hands over an :class:`Inbound` and gets back an outcome: an
+:class:`Answer` to publish, :data:`NOTHING_OWED` (a protocol message, or a reading kept in a window), or ``None``
+when the input went on to inference; its answer then arrives through the ``on_answer`` callback, exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from plcsense.errors import ErrorCode
+from plcsense.models.bundle import Bundle, BundleError, load_bundle
+from plcsense.models.inputs import InputError
+from plcsense.worker.batching import MicroBatcher
+from plcsense.worker.decoders import Decoded, Decoder, Lifecycle, make_decoder
+from plcsense.worker.documents import ErrorDocument, ModelRef, Ranked, ResultDocument
+from plcsense.worker.metrics import Metrics
+from plcsense.worker.quiet_log import RateLimitedLog
+from plcsense.worker.settings import RouteSettings, Settings
+from plcsense.worker.windows import WindowStore, reading_time
+
+log = logging.getLogger("plcsense.worker")
+
+TOP_K = 5
+
+
+@dataclass(slots=True)
+class Inbound:
+    """One received input and where its answer goes; ``delivery`` is the transport's own handle, opaque here."""
+
+    topic: str
+    payload: bytes
+    received: float = field(default_factory=time.monotonic)
+    response_topic: str | None = None
+    correlation: bytes | None = None
+    delivery: Any = None
+    route: Route | None = None
+    decoded: Decoded | None = None
+    decoding: Future[Answer | None] | None = None
+    """Image routes: the decode running off the network thread (an error answer, or None once decoded)."""
+
+
+@dataclass(slots=True)
+class Answer:
+    """A document to publish for an input."""
+
+    topic: str
+    body: bytes
+    qos: int
+    correlation: bytes | None = None
+    route: str = ""
+
+
+class _NothingOwed:
+    def __repr__(self) -> str:
+        return "NOTHING_OWED"
+
+
+NOTHING_OWED: Final = _NothingOwed()
+"""The input is handled and needs no answer (a Sparkplug DEATH, a reading that only fills a window)."""
+
+Outcome = Answer | _NothingOwed
+
+
+@dataclass
+class Route:
+    settings: RouteSettings
+    bundle: Bundle | None = None
+    load_error: str | None = None
+    decoder: Decoder | None = None
+    windows: WindowStore | None = None
+    batcher: MicroBatcher[Inbound] | None = field(default=None, repr=False)
+    decode_pool: ThreadPoolExecutor | None = field(default=None, repr=False)
+    """Image routes decode off the MQTT network thread, on a bounded pool."""
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
+    def max_pending(self) -> int | None:
+        """Inputs of this route between receipt and answer; None: only the worker-wide ``max_inflight`` bounds it."""
+        if self.settings.max_pending is not None or self.settings.encoding != "image":
+            return self.settings.max_pending
+        return 4 * self.settings.max_batch
+
+
+def _template_regex(template: str, route: str) -> re.Pattern[str]:
+    """A regex matching every topic a result/error template of ``route`` can produce (group ``topic``: the input)."""
+    pattern, named = "", False
+    for part in re.split(r"(\{topic\}|\{route\})", template):
+        if part == "{topic}":
+            pattern += ".+" if named else "(?P<topic>.+)"
+            named = True
+        else:
+            pattern += re.escape(route) if part == "{route}" else re.escape(part)
+    return re.compile(pattern + r"\Z")
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, metrics: Metrics, on_answer: Callable[[Inbound, Answer], None]) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.routes = [Route(r) for r in settings.routes]
+        self._on_answer = on_answer
+        self._output_patterns = [
+            (r.topic, _template_regex(t, r.name)) for r in settings.routes for t in (r.result_topic, r.error_topic)
+        ]
+        self._warnings = RateLimitedLog(log)
+
+    # ----------------------------------------------------------------- models
+    def load_models(self) -> None:
+        for route in self.routes:
+            self._load(route)
+            for code in ErrorCode:  # every series exists from the start, so the first burst shows in increase()
+                self.metrics.errors.labels(route.name, code.value)
+            for counter in (self.metrics.messages, self.metrics.results, self.metrics.anomalies):
+                counter.labels(route.name)
+
+    def _load(self, route: Route) -> None:
+        r = route.settings
+        try:
+            bundle = load_bundle(r.model)
+        except BundleError as exc:
+            route.load_error = str(exc)
+            log.error("route %s: %s; its messages get a model_unavailable error", route.name, exc)
+            return
+        manifest, spec = bundle.manifest, bundle.manifest.input
+        if (r.encoding == "image") != (spec.kind == "image"):
+            route.load_error = (
+                f"encoding {r.encoding} does not fit the model, which takes "
+                f"{'images' if spec.kind == 'image' else 'sensor windows'}"
+            )
+            log.error("route %s: %s", route.name, route.load_error)
+            return
+        route.bundle = bundle
+        route.decoder = make_decoder(manifest, r)
+        if spec.kind == "sensor":
+            route.windows = WindowStore(
+                spec.window,
+                len(spec.channels),
+                stride=r.window_stride,
+                max_gap_s=r.max_gap_s,
+                max_devices=r.max_devices,
+                on_evict=self.metrics.evictions.labels(route.name).inc,
+            )
+        else:
+            route.decode_pool = ThreadPoolExecutor(r.decode_threads, thread_name_prefix=f"decode-{route.name}")
+        route.batcher = MicroBatcher(route.name, self._run_batch, r.max_batch, r.max_wait_ms / 1000)
+        self.metrics.model_info.labels(route.name, manifest.name, manifest.version).set(1)
+        log.info("route %s: %s v%s (%s) on %s", route.name, manifest.name, manifest.version, manifest.task, r.topic)
+
+    def close(self, timeout: float = 5.0) -> None:
+        for route in self.routes:
+            if route.decode_pool:
+                route.decode_pool.shutdown(wait=True)
+            if route.batcher:
+                route.batcher.close(timeout)
+
+    @property
+    def broken_routes(self) -> list[str]:
+        return [f"{r.name}: {r.load_error}" for r in self.routes if r.bundle is None]
+
+    # ----------------------------------------------------------------- routing
+    def route_for(self, topic: str) -> Route | None:
+        """The route that takes ``topic``; None for answers and status topics (ours or a sibling's)."""
+        if self._is_output(topic):
+            return None
+        for route in self.routes:
+            if mqtt.topic_matches_sub(route.settings.topic, topic):
+                return route
+        return None
+
+    def _is_output(self, topic: str) -> bool:
+        if topic == self.settings.mqtt.status_topic or mqtt.topic_matches_sub("plcsense/+/status", topic):
+            return True
+        for route_filter, pattern in self._output_patterns:
+            match = pattern.match(topic)
+            if match and ("topic" not in match.groupdict() or mqtt.topic_matches_sub(route_filter, match["topic"])):
+                return True
+        return False
+
+    # ----------------------------------------------------------------- the message path
+    def handle(self, inbound: Inbound) -> Outcome | None:
+        """Take one input of ``inbound.route``; None means it went on to inference and is answered later."""
+        route = inbound.route
+        assert route is not None
+        self.metrics.messages.labels(route.name).inc()
+        try:
+            limit = route.settings.max_payload_bytes
+            if len(inbound.payload) > limit:
+                raise InputError(
+                    ErrorCode.PAYLOAD_TOO_LARGE, f"payload is {len(inbound.payload)} bytes, limit is {limit}"
+                )
+            if route.bundle is None:
+                raise InputError(ErrorCode.MODEL_UNAVAILABLE, route.load_error or "model not loaded")
+            if route.decode_pool is not None:  # decoded in parallel, answered in arrival order by the batcher
+                assert route.batcher is not None
+                inbound.decoding = route.decode_pool.submit(self._decode_image, inbound)
+                route.batcher.submit(inbound)
+                return None
+            return self._decode_and_queue(inbound)
+        except InputError as exc:
+            return self.error(inbound, ErrorCode(exc.code), exc.detail, exc.id)
+        except Exception as exc:  # a bug must answer this input, not stop the MQTT loop
+            log.exception("route %s: unexpected failure on %s", route.name, inbound.topic)
+            return self.error(inbound, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    def _decode_image(self, inbound: Inbound) -> Answer | None:
+        route = inbound.route
+        assert route is not None and route.decoder is not None
+        try:
+            decoded = route.decoder.decode(inbound.topic, inbound.payload)
+            assert isinstance(decoded, Decoded)
+            inbound.decoded = decoded
+            return None
+        except InputError as exc:
+            return self.error(inbound, ErrorCode(exc.code), exc.detail, exc.id)
+        except Exception as exc:
+            log.exception("route %s: unexpected failure decoding %s", route.name, inbound.topic)
+            return self.error(inbound, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    def _decode_and_queue(self, inbound: Inbound) -> Outcome | None:
+        route = inbound.route
+        assert route is not None and route.decoder is not None and route.batcher is not None
+        decoded = route.decoder.decode(inbound.topic, inbound.payload)
+        if isinstance(decoded, Lifecycle):
+            if decoded.forget and route.windows is not None:
+                route.windows.forget(decoded.forget)
+            return NOTHING_OWED
+        inbound.decoded = decoded
+        if decoded.is_reading:
+            assert route.windows is not None
+            pushed = route.windows.push(decoded.device or inbound.topic, decoded.array, reading_time(decoded.ts))
+            self.metrics.windows.labels(route.name).set(len(route.windows))
+            if pushed.gap_s is not None:
+                raise InputError(
+                    ErrorCode.WINDOW_RESET,
+                    f"{pushed.gap_s:.1f} s since the last reading (max_gap_s {route.settings.max_gap_s}); "
+                    "the window restarts with this reading",
+                )
+            if pushed.window is None:  # window still filling (or between strides): the reading is kept
+                return NOTHING_OWED
+            decoded.array = pushed.window
+        route.batcher.submit(inbound)
+        return None
+
+    # ----------------------------------------------------------------- inference and answers
+    def _run_batch(self, batch: Sequence[Inbound]) -> None:
+        """Run the decoded inputs of ``batch`` in one invoke; answer all of them in arrival order."""
+        answers: list[Answer | None] = [i.decoding.result() if i.decoding else None for i in batch]
+        ready = [k for k, answer in enumerate(answers) if answer is None]
+        if ready:
+            for k, answer in zip(ready, self._infer([batch[k] for k in ready]), strict=True):
+                answers[k] = answer
+        for inbound, answer in zip(batch, answers, strict=True):
+            assert answer is not None
+            self._on_answer(inbound, answer)
+
+    def _infer(self, batch: list[Inbound]) -> list[Answer]:
+        route = batch[0].route
+        assert route is not None and route.bundle is not None
+        bundle = route.bundle
+        try:
+            inputs = np.stack([i.decoded.array for i in batch])  # type: ignore[union-attr]
+            started = time.perf_counter()
+            outputs = bundle.model.predict(inputs)
+            labels = (route.name, bundle.manifest.name, bundle.manifest.version)
+            self.metrics.inference.labels(*labels).observe(time.perf_counter() - started)
+            self.metrics.batch_size.labels(*labels).observe(len(batch))
+        except Exception as exc:
+            log.exception("inference failed for %s", bundle.label)
+            return [self.error(i, ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}") for i in batch]
+        answers = []
+        for inbound, output in zip(batch, outputs, strict=True):
+            try:
+                answers.append(self.result(inbound, bundle, output))
+            except Exception as exc:
+                log.exception("cannot build a result for %s", inbound.topic)
+                answers.append(self.error(inbound, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+        return answers
+
+    def result(self, inbound: Inbound, bundle: Bundle, output: np.ndarray) -> Answer:
+        route, decoded, manifest = inbound.route, inbound.decoded, bundle.manifest
+        assert route is not None and decoded is not None
+        fields: dict[str, Any] = {}
+        if manifest.task == "classification":
+            assert manifest.labels is not None
+            order = np.argsort(output)[::-1][:TOP_K]
+            fields["label"] = manifest.labels[order[0]]
+            fields["score"] = round(float(output[order[0]]), 6)
+            fields["top"] = [Ranked(label=manifest.labels[i], score=round(float(output[i]), 6)) for i in order]
+        else:
+            assert manifest.threshold is not None
+            score = float(np.mean(output))
+            channels = manifest.input.channels  # type: ignore[union-attr]
+            fields["score"] = round(score, 6)
+            fields["threshold"] = round(manifest.threshold, 6)
+            fields["is_anomaly"] = score > manifest.threshold
+            fields["channels"] = {name: round(float(v), 6) for name, v in zip(channels, output, strict=True)}
+            if fields["is_anomaly"]:
+                self.metrics.anomalies.labels(route.name).inc()
+        latency = time.monotonic() - inbound.received
+        doc = ResultDocument(
+            id=decoded.id,
+            topic=inbound.topic,
+            model=ModelRef(name=manifest.name, version=manifest.version),
+            task=manifest.task,
+            latency_ms=round(latency * 1000, 3),
+            ts=decoded.ts if decoded.ts is not None else time.time(),
+            **fields,
+        )
+        self.metrics.results.labels(route.name).inc()
+        self.metrics.latency.labels(route.name).observe(latency)
+        topic = inbound.response_topic or route.settings.result_topic.format(topic=inbound.topic, route=route.name)
+        return Answer(topic, doc.to_json(), route.settings.qos, inbound.correlation, route.name)
+
+    def error(self, inbound: Inbound, code: ErrorCode, detail: str, msg_id: str | None = None) -> Answer:
+        route = inbound.route
+        assert route is not None
+        self.metrics.errors.labels(route.name, code.value).inc()
+        self._warnings.log(
+            logging.WARNING, f"{route.name}:{code}", "route %s: %s on %s: %s", route.name, code, inbound.topic, detail
+        )
+        doc = ErrorDocument(
+            error=code,
+            detail=detail[:500],
+            topic=inbound.topic,
+            id=inbound.decoded.id if inbound.decoded else msg_id,
+            ts=time.time(),
+        )
+        topic = inbound.response_topic or route.settings.error_topic.format(topic=inbound.topic, route=route.name)
+        return Answer(topic, doc.to_json(), route.settings.qos, inbound.correlation, route.name)

@@ -1,0 +1,378 @@
+"""The MQTT side of the worker: session, subscriptions, flow control, late acknowledgement and drain.
+
+Delivery contract: inputs arrive at QoS 1 on a persistent session, and each input is acknowledged to the broker
+only after its answer (result or error) has been accepted by the broker. A worker killed at any moment therefore
+loses nothing: the broker redelivers every unacknowledged input when the worker comes back.
+
+Flow control does not trust the broker: Mosquitto before 2.0.13 ignores MQTT 5 Receive Maximum once acks flow.
+When ``max_inflight`` inputs (or a route's ``max_pending``) are being worked on, the network thread waits in
+``on_message`` until one is answered, so the socket is not read and TCP pushes back on the broker. This cannot
+deadlock: an input leaves "being worked on" when its answer is handed to paho, which needs no network traffic;
+PUBACKs for answers are read again as soon as there is room.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from plcsense.worker.metrics import Metrics
+from plcsense.worker.pipeline import Answer, Inbound, Outcome, Pipeline, Route
+from plcsense.worker.quiet_log import RateLimitedLog
+from plcsense.worker.settings import MqttSettings
+
+log = logging.getLogger("plcsense.worker")
+
+
+@dataclass(slots=True)
+class Delivery:
+    """How to acknowledge one input: its packet id means nothing on a later connection (``generation``)."""
+
+    mid: int
+    qos: int
+    generation: int
+    route: str
+
+
+class _Client(mqtt.Client):
+    """paho's client, remembering why the last connection attempt failed (paho retries without saying)."""
+
+    last_error: BaseException | None = None
+
+    def reconnect(self) -> mqtt.MQTTErrorCode:
+        try:
+            return super().reconnect()
+        except OSError as exc:
+            self.last_error = exc
+            raise
+
+
+def connect_failure(exc: BaseException | None, s: MqttSettings) -> tuple[str, str]:
+    """(metric reason, one line with the cause and what to check) for a failed connection attempt."""
+    where = f"{s.host}:{s.port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        if "hostname" in str(exc).lower() or "ip address mismatch" in str(exc).lower():
+            return "tls_hostname", (
+                f"TLS: the broker's certificate does not name {s.host} ({exc.verify_message}); connect by a name "
+                "the certificate lists, or set mqtt.tls_insecure for an IP address it lacks"
+            )
+        return "tls_untrusted", (
+            f"TLS: the broker's certificate is not trusted ({exc.verify_message}); set mqtt.ca_file to the CA "
+            "that signed it"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return "tls_handshake", (
+            f"TLS handshake with {where} failed ({exc.reason or exc}); check that the port is the broker's TLS "
+            "listener and, if it requires client certificates, mqtt.cert_file and mqtt.key_file"
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused", f"nothing accepts connections on {where}; check mqtt.url and that the broker runs"
+    if isinstance(exc, socket.gaierror):
+        return "dns", f"cannot resolve {s.host} ({exc.strerror}); check mqtt.url and DNS"
+    if isinstance(exc, TimeoutError):
+        return "timeout", f"no answer from {where} in time; check the network path and firewalls"
+    return "other", f"cannot connect to {where} ({type(exc).__name__}: {exc})"
+
+
+class Transport:
+    def __init__(self, settings: MqttSettings, metrics: Metrics, pipeline: Pipeline) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.pipeline = pipeline
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._idle = threading.Condition(self._lock)
+        self._generation = 0
+        self._subscriptions: dict[int, str] = {}  # SUBSCRIBE mid -> filter, until the SUBACK says how it went
+        self._subscribe_failed: list[str] = []
+        self._unacked = 0  # inputs received and not yet acknowledged
+        self._working: dict[str, int] = {}  # per route: inputs received and not yet answered
+        self._working_total = 0
+        self._pending: dict[int, Inbound | None] = {}  # outgoing publish mid -> the input it answers
+        self._early_acks: set[int] = set()  # PUBACKs that beat the bookkeeping after publish()
+        self._draining = False
+        self._saturated = False
+        self._connected = threading.Event()
+        self._failure: str | None = None
+        self._warnings = RateLimitedLog(log)
+        self.client = self._make_client()
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        s = self.settings
+        kwargs: dict[str, Any] = {}
+        if s.protocol == "5":
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = s.session_expiry_s
+            props.ReceiveMaximum = s.max_inflight
+            kwargs = {"clean_start": False, "properties": props}
+        self.client.connect_async(s.host, s.port, s.keepalive_s, **kwargs)
+        self.client.loop_start()
+        log.info("connecting to %s as %s (MQTT %s)", s.url, s.client_id, s.protocol)
+
+    def ready(self) -> tuple[bool, str]:
+        if not self._connected.is_set():
+            return False, "not connected to the MQTT broker" + (f": {self._failure}" if self._failure else "")
+        if self._subscribe_failed:
+            return False, "subscriptions refused: " + "; ".join(self._subscribe_failed)
+        if self._subscriptions:
+            return False, "waiting for the broker to confirm subscriptions"
+        if self._draining:
+            return False, "shutting down"
+        if self._saturated:
+            return (
+                False,
+                f"saturated: {self._working_total} inputs being worked on; intake paused until one is answered",
+            )
+        return True, "ready"
+
+    def stop(self, timeout: float = 20.0) -> bool:
+        """Stop taking messages, answer what is in flight, go offline. Returns False if the drain timed out."""
+        with self._lock:
+            self._draining = True
+            self._room.notify_all()
+            drained = self._idle.wait_for(lambda: self._unacked == 0, timeout)
+        if not drained:
+            log.warning(
+                "%d messages still unanswered after %.0f s; the broker will redeliver them", self._unacked, timeout
+            )
+        if self._connected.is_set():
+            info = self.client.publish(self.settings.status_topic, "offline", qos=1, retain=True)
+            info.wait_for_publish(timeout=3)
+        props = None
+        if self.settings.protocol == "5" and self.settings.shared_group and drained:
+            # A shared-group member that leaves ends its session, so the broker stops queueing a share for it
+            # (Mosquitto keeps queueing for an offline member until the session expires).
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
+        self.client.disconnect(properties=props)
+        self.client.loop_stop()
+        return drained
+
+    # ----------------------------------------------------------------- session
+    def _make_client(self) -> mqtt.Client:
+        s = self.settings
+        v5 = s.protocol == "5"
+        client = _Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=s.client_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else False,
+        )
+        client.manual_ack_set(True)
+        client.reconnect_delay_set(min_delay=max(1, round(s.reconnect_min_s)), max_delay=round(s.reconnect_max_s))
+        client.max_inflight_messages_set(s.max_inflight)  # our answers in flight to the broker
+        client.will_set(s.status_topic, "offline", qos=1, retain=True)
+        if s.username:
+            client.username_pw_set(s.username, s.password.get_secret_value() if s.password else None)
+        if s.tls:
+            client.tls_set(
+                ca_certs=str(s.ca_file) if s.ca_file else None,
+                certfile=str(s.cert_file) if s.cert_file else None,
+                keyfile=str(s.key_file) if s.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+            client.tls_insecure_set(s.tls_insecure)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.suppress_exceptions = True  # a bug in a callback must not end the MQTT loop
+        return client
+
+    def _connection_failed(self, reason: str, detail: str) -> None:
+        self._failure = detail
+        self.metrics.connect_failures.labels(reason).inc()
+        self._warnings.log(logging.ERROR, f"connect:{reason}", "cannot connect to the MQTT broker: %s", detail)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._connection_failed(*connect_failure(getattr(client, "last_error", None), self.settings))
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            self._connection_failed(
+                "rejected",
+                f"the broker refused the connection ({reason}); check mqtt.username, mqtt.password and its ACL",
+            )
+            return
+        s = self.settings
+        log.info("connected to %s (session present: %s)", s.url, flags.session_present)
+        with self._lock:
+            self._generation += 1
+            self._subscriptions.clear()
+            self._subscribe_failed.clear()
+            self._failure = None
+        for route in self.pipeline.routes:
+            topic = route.settings.topic
+            if s.protocol == "5":
+                shared = bool(s.shared_group)
+                if shared:
+                    topic = f"$share/{s.shared_group}/{topic}"
+                # No Local keeps our own results out; it is not allowed on shared subscriptions.
+                _, mid = client.subscribe(topic, options=SubscribeOptions(qos=route.settings.qos, noLocal=not shared))
+            else:
+                _, mid = client.subscribe(topic, qos=route.settings.qos)
+            self._subscriptions[mid] = topic
+        self._track(client.publish(s.status_topic, "online", qos=1, retain=True).mid, None)
+        self._connected.set()
+        self.metrics.connected.set(1)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list, props: Any) -> None:
+        topic = self._subscriptions.pop(mid, "?")
+        for reason in reasons:
+            if getattr(reason, "is_failure", False):
+                log.error(
+                    "broker refused the subscription to %s (%s); check its ACL and shared-subscription support",
+                    topic,
+                    reason,
+                )
+                self._subscribe_failed.append(f"{topic}: {reason}")
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._connected.clear()
+        self.metrics.connected.set(0)
+        with self._room:
+            self._room.notify_all()
+        if not self._draining:
+            self._failure = f"disconnected ({reason})"
+            self._warnings.log(
+                logging.WARNING, f"disconnect:{reason}", "disconnected from the broker (%s); reconnecting", reason
+            )
+
+    # ----------------------------------------------------------------- intake
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._take(client, msg)
+        except Exception:  # nothing may escape into paho's network thread: it would stop the MQTT loop
+            log.exception("unexpected failure handling a message on %s; it stays unacknowledged", msg.topic)
+
+    def _has_room(self, route: Route) -> bool:
+        limit = route.max_pending
+        return self._working_total < self.settings.max_inflight and (
+            limit is None or self._working.get(route.name, 0) < limit
+        )
+
+    def _take(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
+        route = self.pipeline.route_for(msg.topic)
+        if route is None:  # an answer or status topic (ours or a sibling's): acknowledge and ignore
+            self.metrics.ignored.labels("output_topic").inc()
+            client.ack(msg.mid, msg.qos)
+            return
+        with self._lock:
+            while not self._has_room(route) and not self._draining and self._connected.is_set():
+                self._set_saturated(True)
+                self._room.wait(0.5)
+            self._set_saturated(False)
+            if self._draining:
+                return  # not acknowledged: the broker keeps it for our next session
+            self._unacked += 1
+            self._working_total += 1
+            self._working[route.name] = self._working.get(route.name, 0) + 1
+            self.metrics.inflight.set(self._unacked)
+            generation = self._generation
+        props = getattr(msg, "properties", None)
+        inbound = Inbound(
+            msg.topic,
+            msg.payload,
+            response_topic=getattr(props, "ResponseTopic", None),
+            correlation=getattr(props, "CorrelationData", None),
+            delivery=Delivery(msg.mid, msg.qos, generation, route.name),
+            route=route,
+        )
+        outcome = self.pipeline.handle(inbound)
+        if outcome is not None:
+            self.settle(inbound, outcome)
+
+    def _set_saturated(self, saturated: bool) -> None:
+        if saturated != self._saturated:
+            self._saturated = saturated
+            self.metrics.saturated.set(int(saturated))
+            if saturated:
+                self.metrics.saturations.inc()
+
+    # ----------------------------------------------------------------- answers and acknowledgement
+    def settle(self, inbound: Inbound, outcome: Outcome) -> None:
+        """Publish the answer (if any) and let the input go once the broker has it. Any thread."""
+        if isinstance(outcome, Answer):
+            self._publish(inbound, outcome)
+        else:
+            self._finish(inbound)
+        delivery: Delivery = inbound.delivery
+        with self._lock:
+            self._working_total -= 1
+            self._working[delivery.route] -= 1
+            self._room.notify()
+
+    def _publish(self, inbound: Inbound, answer: Answer) -> None:
+        props = None
+        if answer.correlation is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = answer.correlation
+        try:
+            info = self.client.publish(answer.topic, answer.body, qos=answer.qos, properties=props)
+        except (ValueError, TypeError) as exc:  # e.g. a response topic with wildcards: it can never be answered
+            self._dropped(inbound, "bad_topic", f"cannot publish to {answer.topic!r} ({exc})")
+            self._finish(inbound)
+            return
+        queued = info.rc == mqtt.MQTT_ERR_SUCCESS or (info.rc == mqtt.MQTT_ERR_NO_CONN and answer.qos > 0)
+        if not queued:  # paho did not keep it (QoS 0 while offline): the broker redelivers a QoS 1 input
+            self._dropped(inbound, "not_queued", f"publish to {answer.topic} failed ({mqtt.error_string(info.rc)})")
+            self._abandon()
+            return
+        self._track(info.mid, inbound)
+
+    def _dropped(self, inbound: Inbound, reason: str, detail: str) -> None:
+        self.metrics.answers_dropped.labels(inbound.delivery.route, reason).inc()
+        self._warnings.log(logging.ERROR, f"drop:{reason}", "answer for %s not delivered: %s", inbound.topic, detail)
+
+    def _track(self, mid: int, inbound: Inbound | None) -> None:
+        """Remember which input an outgoing publish answers (None: a publish of our own, nothing to ack)."""
+        with self._lock:
+            if mid not in self._early_acks:
+                self._pending[mid] = inbound
+                return
+            self._early_acks.discard(mid)
+        if inbound is not None:
+            self._finish(inbound)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        with self._lock:
+            if mid not in self._pending:
+                self._early_acks.add(mid)
+                return
+            inbound = self._pending.pop(mid)
+        if inbound is None:
+            return
+        if getattr(reason, "is_failure", False):
+            # MQTT 5: the broker refused our answer (not authorised...). Retrying cannot help and holding the input
+            # would block flow control for good, so it is acknowledged, logged and counted.
+            self._dropped(inbound, "refused", f"the broker refused it ({reason}); check the broker's ACL")
+        self._finish(inbound)
+
+    def _finish(self, inbound: Inbound) -> None:
+        """The answer is with the broker (or none is owed): acknowledge the input."""
+        delivery: Delivery = inbound.delivery
+        with self._lock:
+            current = delivery.generation == self._generation
+        if delivery.qos and current:  # after a reconnect the broker redelivers it; an old packet id could hit another
+            self.client.ack(delivery.mid, delivery.qos)
+        self._abandon()
+
+    def _abandon(self) -> None:
+        """Stop tracking an input (answered, or left unacknowledged for the broker to redeliver)."""
+        with self._lock:
+            self._unacked -= 1
+            self.metrics.inflight.set(self._unacked)
+            if self._unacked == 0:
+                self._idle.notify_all()
