@@ -4,12 +4,22 @@ A bundle is a directory holding ``manifest.json`` (the schema below), ``model.tf
 ``golden.npz`` (a few inputs with the outputs they produced at export, replayed as a self-test on load) and
 optionally ``model.keras`` and a ``report/`` folder. Loading refuses anything that does not add up, with one line
 that names the problem, so a half-copied or stale bundle never serves wrong answers on the line.
+
+The manifest holds the sha256 of every other file, and ``bundle.sha256`` holds the digest of the manifest itself
+(``sha256:`` + the sha256 of ``manifest.json``'s bytes, what ``sha256sum manifest.json`` prints), so that one
+digest covers the whole bundle: an edited threshold or reordered labels no longer load. ``bundle.sha256`` only
+catches edits made without rewriting it; against deliberate tampering a deployment pins the digest
+(``load_bundle(path, expect_digest=...)``), which no one can change by writing into the bundle directory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
@@ -23,6 +33,14 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.tflite"
 GOLDEN_FILE = "golden.npz"
+SEAL_FILE = "bundle.sha256"
+MAX_MANIFEST_BYTES = 1 << 20
+"""A real manifest is a few KB; anything this big is not one, and is refused before it is parsed."""
+DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+"""Form of a bundle digest, for settings that pin one."""
+_FILE_SHA256 = r"^[0-9a-f]{64}$"
+_Text = Annotated[str, Field(min_length=1, max_length=255)]
+"""Names echoed in results and metric labels: bounded so a manifest cannot bloat every answer."""
 
 
 class BundleError(Exception):
@@ -61,7 +79,8 @@ class SensorSpec(_Strict):
     """A window of multichannel readings; normalisation is inside the model graph, recorded here for humans."""
 
     kind: Literal["sensor"] = "sensor"
-    channels: list[str] = Field(min_length=1)
+    channels: list[_Text] = Field(min_length=1, max_length=1024)
+    """Echoed per channel in every anomaly result, hence bounded."""
     window: int = Field(gt=0)
     mean: list[float]
     std: list[float]
@@ -80,15 +99,19 @@ class SensorSpec(_Strict):
 InputSpec = Annotated[ImageSpec | SensorSpec, Field(discriminator="kind")]
 
 
+Quantize = Literal["none", "float16", "int8"]
+"""How the exported weights are stored: float32 (``none``), float16, or full-integer int8."""
+
+
 class Manifest(_Strict):
     schema_version: int
-    name: str
-    version: str
+    name: _Text
+    version: Annotated[str, Field(min_length=1, max_length=128)]
     created_at: datetime
     task: Literal["classification", "anomaly"]
     input: InputSpec
-    labels: list[str] | None = None
-    threshold: float | None = None
+    labels: list[_Text] | None = Field(None, max_length=10_000)
+    threshold: float | None = Field(None, allow_inf_nan=False)
     """Anomaly score above which a window is reported as an anomaly."""
     score: Literal["mean_squared_error", "ar_innovation"] | None = None
     """What the per-channel outputs are (reconstruction errors or squared standardised AR innovations); the
@@ -97,9 +120,9 @@ class Manifest(_Strict):
     """Held-out figures of the exported model, measured with the LiteRT interpreter."""
     variants: dict[str, dict[str, float]] = Field(default_factory=dict)
     """The same figures for every variant measured at export (float32, float16, int8)."""
-    quantization: Literal["none", "float16", "int8"] = "none"
-    files: dict[str, str] = Field(default_factory=dict)
-    """sha256 of every file in the bundle except the manifest itself."""
+    quantization: Quantize = "none"
+    files: dict[str, Annotated[str, Field(pattern=_FILE_SHA256)]] = Field(default_factory=dict)
+    """sha256 of every file in the bundle except the manifest and ``bundle.sha256``, by relative POSIX path."""
     golden_atol: float = 1e-4
 
     @model_validator(mode="after")
@@ -108,6 +131,9 @@ class Manifest(_Strict):
             raise ValueError("a classification bundle needs labels")
         if self.task == "anomaly" and self.threshold is None:
             raise ValueError("an anomaly bundle needs a threshold")
+        for name in self.files:
+            if name.startswith("/") or "\\" in name or {"", ".", ".."} & set(name.split("/")):
+                raise ValueError(f"files: {name!r} is not a plain relative path inside the bundle")
         return self
 
 
@@ -119,11 +145,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _digest(manifest_bytes: bytes) -> str:
+    return "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
+
+
 def write_manifest(directory: Path, manifest: Manifest) -> None:
-    """Record checksums of every file now in the bundle and write ``manifest.json``."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    """Record checksums of every file now in the bundle, write ``manifest.json`` and seal it in ``bundle.sha256``."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in (MANIFEST, SEAL_FILE))
     manifest.files = {p.relative_to(directory).as_posix(): sha256_file(p) for p in files}
-    (directory / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+    data = (manifest.model_dump_json(indent=2) + "\n").encode()
+    (directory / MANIFEST).write_bytes(data)
+    (directory / SEAL_FILE).write_text(_digest(data) + "\n")
 
 
 def new_manifest(**fields: object) -> Manifest:
@@ -133,10 +165,12 @@ def new_manifest(**fields: object) -> Manifest:
 class Bundle:
     """A verified bundle: manifest plus a LiteRT model ready to run."""
 
-    def __init__(self, path: Path, manifest: Manifest, model: LiteRTModel) -> None:
+    def __init__(self, path: Path, manifest: Manifest, model: LiteRTModel, digest: str) -> None:
         self.path = path
         self.manifest = manifest
         self.model = model
+        self.digest = digest
+        """``sha256:<hex>`` of the manifest, which covers every file: what a deployment pins."""
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -147,16 +181,46 @@ class Bundle:
         return f"{self.manifest.name}:{self.manifest.version}"
 
 
-def read_manifest(path: Path) -> Manifest:
-    file = path / MANIFEST
+@contextmanager
+def _one_line_errors(path: Path) -> Iterator[None]:
+    """Turn anything unexpected while reading a bundle into a BundleError, so it only takes its own route down."""
+    try:
+        yield
+    except BundleError:
+        raise
+    except Exception as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise BundleError(f"bundle {path}: cannot be read ({type(exc).__name__}: {detail})") from None
+
+
+def _inside(path: Path, name: str) -> Path:
+    """``path / name``, refused when it (or a symlink on the way) leads out of the bundle directory."""
+    file = path / name
+    if not file.resolve().is_relative_to(path.resolve()):
+        raise BundleError(f"bundle {path}: {name} points outside the bundle")
+    return file
+
+
+def _manifest_bytes(path: Path) -> bytes:
     if not path.is_dir():
         raise BundleError(f"bundle {path}: not a directory")
+    file = _inside(path, MANIFEST)
     if not file.is_file():
         raise BundleError(f"bundle {path}: missing {MANIFEST}")
+    with file.open("rb") as handle:
+        data = handle.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"bundle {path}: {MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes, not a manifest")
+    return data
+
+
+def _parse_manifest(path: Path, data: bytes) -> Manifest:
     try:
-        raw = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"bundle {path}: {MANIFEST} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise BundleError(f"bundle {path}: {MANIFEST} is nested too deeply to be a manifest") from None
     version = raw.get("schema_version") if isinstance(raw, dict) else None
     if version != SCHEMA_VERSION:
         raise BundleError(
@@ -171,12 +235,45 @@ def read_manifest(path: Path) -> Manifest:
         raise BundleError(f"bundle {path}: invalid {MANIFEST}: {where}: {first['msg']}") from None
 
 
+def read_manifest(path: Path) -> Manifest:
+    """Parse and validate ``manifest.json`` (size-bounded); does not check the digest or the files."""
+    with _one_line_errors(path):
+        return _parse_manifest(path, _manifest_bytes(path))
+
+
+def bundle_digest(path: str | Path) -> str:
+    """``sha256:<hex>`` of the bundle's manifest as it is now (equal to ``sha256sum manifest.json``)."""
+    path = Path(path)
+    with _one_line_errors(path):
+        return _digest(_manifest_bytes(path))
+
+
+def _verify_digest(path: Path, digest: str, expect_digest: str | None) -> None:
+    """The manifest must match ``bundle.sha256`` and the pinned digest; a pin alone vouches for an unsealed one."""
+    seal = _inside(path, SEAL_FILE)
+    if seal.is_file():
+        with seal.open("rb") as handle:
+            sealed = (handle.read(256).decode("ascii", "replace").split() or [""])[0]
+        if sealed != digest:
+            raise BundleError(
+                f"bundle {path}: {MANIFEST} changed after export (its digest is {digest}, {SEAL_FILE} says {sealed!r})"
+            )
+    elif expect_digest is None:
+        raise BundleError(f"bundle {path}: missing {SEAL_FILE}; re-export the bundle or pin its digest")
+    if expect_digest is None:
+        return
+    if not re.fullmatch(DIGEST_PATTERN, expect_digest):
+        raise BundleError(f"bundle {path}: pinned digest {expect_digest!r} is not of the form sha256:<64 hex digits>")
+    if digest != expect_digest:
+        raise BundleError(f"bundle {path}: digest {digest} is not the pinned {expect_digest}")
+
+
 def _verify_files(path: Path, manifest: Manifest) -> None:
     for required in (MODEL_FILE, GOLDEN_FILE):
         if required not in manifest.files:
             raise BundleError(f"bundle {path}: manifest lists no checksum for {required}")
     for name, expected in manifest.files.items():
-        file = path / name
+        file = _inside(path, name)
         if not file.is_file():
             raise BundleError(f"bundle {path}: missing file {name}")
         if sha256_file(file) != expected:
@@ -202,7 +299,7 @@ def _verify_golden(path: Path, manifest: Manifest, model: LiteRTModel) -> None:
     try:
         with np.load(path / GOLDEN_FILE, allow_pickle=False) as golden:
             inputs, outputs = golden["inputs"], golden["outputs"]
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise BundleError(f"bundle {path}: unreadable {GOLDEN_FILE} ({exc})") from None
     got = model.predict(inputs.astype(np.float32))
     if got.shape != outputs.shape or not np.allclose(got, outputs, atol=manifest.golden_atol, rtol=1e-3):
@@ -213,15 +310,22 @@ def _verify_golden(path: Path, manifest: Manifest, model: LiteRTModel) -> None:
         )
 
 
-def load_bundle(path: str | Path, *, num_threads: int | None = None) -> Bundle:
-    """Load and verify a bundle; raise :class:`BundleError` with one clear line when it is unusable."""
+def load_bundle(path: str | Path, *, num_threads: int | None = None, expect_digest: str | None = None) -> Bundle:
+    """Load and verify a bundle; raise :class:`BundleError` with one clear line when it is unusable.
+
+    ``expect_digest`` (``sha256:<hex>``, see :func:`bundle_digest`) pins the exact bundle a deployment vetted.
+    """
     path = Path(path)
-    manifest = read_manifest(path)
-    _verify_files(path, manifest)
-    try:
-        model = LiteRTModel(path / MODEL_FILE, num_threads=num_threads)
-    except (ValueError, RuntimeError) as exc:
-        raise BundleError(f"bundle {path}: {MODEL_FILE} cannot be loaded by LiteRT ({exc})") from None
-    _verify_spec(path, manifest, model)
-    _verify_golden(path, manifest, model)
-    return Bundle(path, manifest, model)
+    with _one_line_errors(path):
+        data = _manifest_bytes(path)
+        digest = _digest(data)
+        _verify_digest(path, digest, expect_digest)
+        manifest = _parse_manifest(path, data)
+        _verify_files(path, manifest)
+        try:
+            model = LiteRTModel(path / MODEL_FILE, num_threads=num_threads)
+        except (ValueError, RuntimeError) as exc:
+            raise BundleError(f"bundle {path}: {MODEL_FILE} cannot be loaded by LiteRT ({exc})") from None
+        _verify_spec(path, manifest, model)
+        _verify_golden(path, manifest, model)
+        return Bundle(path, manifest, model, digest)
