@@ -90,7 +90,8 @@ def main() -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from plcsense.training.sensor_classify import SensorClassifyConfig, evaluate_sensor_folder, train_sensor_classifier
+    from plcsense.training.evaluate import evaluate_sensor_folder
+    from plcsense.training.sensor_classify import SensorClassifyConfig, train_sensor_classifier
 
     temporary = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="hydraulic-")) if temporary else args.workdir.resolve()

@@ -147,8 +147,8 @@ def train_and_score(
 ) -> tuple[FileRun, dict[str, float]]:
     """Train a bundle on ``f``'s first ``train_rows`` rows with ``plcsense train sensors`` code; score the rest."""
     from plcsense.models.bundle import SensorSpec
+    from plcsense.models.runtime import predict_all
     from plcsense.training.data import SensorTable
-    from plcsense.training.evaluate import predict_all
     from plcsense.training.sensors import SensorTrainConfig, train_anomaly_tables
 
     t0 = time.perf_counter()

@@ -104,17 +104,25 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from plcsense.models.bundle import ImageSpec, load_bundle
     from plcsense.models.inputs import InputError, load_image_file
+    from plcsense.training.data import DataError, read_sensor_sample
 
     bundle = load_bundle(args.bundle)
     spec, labels = bundle.manifest.input, bundle.manifest.labels
-    if not isinstance(spec, ImageSpec) or not labels:
-        print(f"plcsense: {args.bundle} is not an image classifier", file=sys.stderr)
+    if not labels:
+        print(
+            f"plcsense: {args.bundle} is an anomaly detector; for per-row scores of CSV files run "
+            f"plcsense evaluate {args.bundle} DATA --out predictions.csv",
+            file=sys.stderr,
+        )
         return 2
     failed = 0
-    for path in args.images:
+    for path in args.files:
         try:
-            probabilities = bundle.model.predict(load_image_file(path, spec)[None])[0]
-        except (InputError, OSError) as exc:
+            sample = (
+                load_image_file(path, spec) if isinstance(spec, ImageSpec) else read_sensor_sample(Path(path), spec)
+            )
+            probabilities = bundle.model.predict(sample[None])[0]
+        except (InputError, DataError, OSError) as exc:
             print(f"{path}\terror: {exc}")
             failed += 1
             continue
@@ -242,9 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--label-column", default="anomaly")
     ev.set_defaults(func=_evaluate)
 
-    pred = sub.add_parser("predict", help="label image files with a bundle, through the worker's LiteRT path")
+    pred = sub.add_parser("predict", help="label files with a classifier bundle, through the worker's LiteRT path")
     pred.add_argument("bundle")
-    pred.add_argument("images", nargs="+")
+    pred.add_argument("files", nargs="+", help="images, or one CSV per sample for a sensor classifier")
     pred.set_defaults(func=_predict)
 
     serve = sub.add_parser("serve", help="run the MQTT worker")

@@ -73,7 +73,8 @@ def test_training_exports_a_loadable_bundle(trained):
 
 
 def test_litert_predictions_separate_the_classes(trained):
-    from plcsense.training.sensor_classify import evaluate_sensor_folder, load_sensor_folder
+    from plcsense.training.data import load_sensor_folder
+    from plcsense.training.evaluate import evaluate_sensor_folder
 
     root, out = trained
     bundle = load_bundle(out)
@@ -96,7 +97,7 @@ def test_litert_predictions_separate_the_classes(trained):
 
 
 def test_evaluate_refuses_unknown_classes_and_wrong_lengths(trained, tmp_path):
-    from plcsense.training.sensor_classify import evaluate_sensor_folder
+    from plcsense.training.evaluate import evaluate_sensor_folder
 
     _, out = trained
     bundle = load_bundle(out)
@@ -111,7 +112,7 @@ def test_evaluate_refuses_unknown_classes_and_wrong_lengths(trained, tmp_path):
 
 
 def test_samples_of_different_length_are_refused_with_the_file_named(tmp_path):
-    from plcsense.training.sensor_classify import load_sensor_folder
+    from plcsense.training.data import load_sensor_folder
 
     data = write_folder(tmp_path / "cycles", {"a": 3, "b": 3}, seed=0)
     write_sample(data / "b" / "odd.csv", "leak", np.random.default_rng(0), rows=WINDOW + 1)
@@ -120,7 +121,7 @@ def test_samples_of_different_length_are_refused_with_the_file_named(tmp_path):
 
 
 def test_samples_with_different_columns_are_refused_with_the_file_named(tmp_path):
-    from plcsense.training.sensor_classify import load_sensor_folder
+    from plcsense.training.data import load_sensor_folder
 
     data = write_folder(tmp_path / "cycles", {"a": 3, "b": 3}, seed=0)
     write_sample(data / "b" / "wide.csv", "leak", np.random.default_rng(0), extra=True)
@@ -135,7 +136,8 @@ def test_samples_with_different_columns_are_refused_with_the_file_named(tmp_path
 
 
 def test_one_class_or_empty_class_folder_is_refused(tmp_path):
-    from plcsense.training.sensor_classify import SensorClassifyConfig, load_sensor_folder, train_sensor_classifier
+    from plcsense.training.data import load_sensor_folder
+    from plcsense.training.sensor_classify import SensorClassifyConfig, train_sensor_classifier
 
     data = write_folder(tmp_path / "one", {"normal": 4}, seed=0)
     with pytest.raises(DataError, match="a classifier needs at least two"):

@@ -51,3 +51,10 @@ class LiteRTModel:
             self._interpreter.invoke()
             out = self._interpreter.get_tensor(self._output["index"])
         return np.array(out[:n])
+
+
+def predict_all(model: LiteRTModel, inputs: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Run any number of inputs in chunks of ``batch``: evaluation sets do not fit one interpreter allocation."""
+    if not len(inputs):
+        return np.zeros((0, *model.output_shape), np.float32)
+    return np.concatenate([model.predict(inputs[i : i + batch]) for i in range(0, len(inputs), batch)])

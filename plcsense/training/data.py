@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from plcsense.models.bundle import ImageSpec
+from plcsense.models.bundle import ImageSpec, SensorSpec
 from plcsense.models.inputs import InputError, load_image_file
 
 log = logging.getLogger("plcsense.training")
@@ -65,11 +65,16 @@ def load_image_folder(root: Path, spec: ImageSpec, classes: list[str] | None = N
     return ImageSet(np.stack(images), np.asarray(labels), names, skipped)
 
 
+TIME_COLUMNS = ("datetime", "timestamp", "time", "date")
+"""Header names (any case) of the column kept as the rows' time stamps, e.g. in per-row predictions."""
+
+
 @dataclass
 class SensorTable:
     columns: list[str]
     values: np.ndarray  # (rows, channels) float64
     labels: np.ndarray | None  # (rows,) int, when a label column was named and present
+    times: list[str] | None = None  # the first column named like TIME_COLUMNS, as text
 
 
 def sniff_delimiter(sample: str) -> str:
@@ -142,7 +147,17 @@ def read_sensor_csv(
         if raw is None or not np.all(np.isfinite(raw)):
             raise DataError(f"{path}: label column {label_column!r} must hold 0/1 numbers")
         labels = (raw > 0).astype(int)
-    return SensorTable(chosen, values, labels)
+    time_column = next((i for i, h in enumerate(header) if h.lower() in TIME_COLUMNS), None)
+    times = [r[time_column].strip() for r in body] if time_column is not None else None
+    return SensorTable(chosen, values, labels, times)
+
+
+def read_sensor_sample(path: Path, spec: SensorSpec) -> np.ndarray:
+    """One sample for a sensor classifier: the spec's channels, exactly its window of rows, float32."""
+    table = read_sensor_csv(path, columns=spec.channels)
+    if len(table.values) != spec.window:
+        raise DataError(f"{path}: {len(table.values)} rows (time steps), but the model's window has {spec.window}")
+    return table.values.astype(np.float32)
 
 
 def sliding_windows(values: np.ndarray, window: int, stride: int = 1) -> np.ndarray:
@@ -151,3 +166,69 @@ def sliding_windows(values: np.ndarray, window: int, stride: int = 1) -> np.ndar
         raise DataError(f"only {len(values)} rows, fewer than the window of {window}")
     view = np.lib.stride_tricks.sliding_window_view(values, window, axis=0)  # (n, C, window)
     return np.ascontiguousarray(view[::stride].transpose(0, 2, 1))
+
+
+@dataclass
+class SensorSamples:
+    inputs: np.ndarray  # (n, window, channels) float32
+    labels: np.ndarray  # (n,) int
+    classes: list[str]
+    channels: list[str]
+    files: list[Path]
+
+    @property
+    def window(self) -> int:
+        return int(self.inputs.shape[1])
+
+
+def load_sensor_folder(
+    root: Path,
+    *,
+    columns: list[str] | None = None,
+    classes: list[str] | None = None,
+    window: int | None = None,
+) -> SensorSamples:
+    """Load ``root/<class>/*.csv`` (one CSV per sample) into one (n, window, channels) array.
+
+    Every file must have the same number of rows (``window`` when given) and the same channels (``columns``
+    when given, else those of the first file); a file that differs is named in the :class:`DataError`.
+    ``classes`` fixes the label order (a trained model's labels); a folder outside it is an error.
+    """
+    folders = class_folders(root)
+    names = classes or [f.name for f in folders]
+    index = {name: i for i, name in enumerate(names)}
+    inputs: list[np.ndarray] = []
+    labels: list[int] = []
+    files: list[Path] = []
+    channels = list(columns) if columns else None
+    first: Path | None = None
+    for folder in folders:
+        if folder.name not in index:
+            raise DataError(f"{folder}: class {folder.name!r} is not one the model knows ({', '.join(names)})")
+        paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".csv")
+        if not paths:
+            raise DataError(f"class folder {folder} holds no .csv files (one CSV per sample)")
+        for path in paths:
+            table = read_sensor_csv(path, columns=columns)
+            if channels is None:
+                channels = table.columns
+            elif table.columns != channels:
+                raise DataError(
+                    f"{path}: channels {table.columns} differ from {channels} in {first}; "
+                    "every sample needs the same columns (or choose them with --columns)"
+                )
+            rows = len(table.values)
+            expected = window if window is not None else (len(inputs[0]) if inputs else rows)
+            if rows != expected:
+                where = "the model's window" if window is not None else f"{first}"
+                raise DataError(
+                    f"{path}: {rows} rows (time steps), but {where} has {expected}; "
+                    "every sample must have the same length"
+                )
+            if first is None:
+                first = path
+            inputs.append(table.values)
+            labels.append(index[folder.name])
+            files.append(path)
+    assert channels is not None
+    return SensorSamples(np.stack(inputs).astype(np.float32), np.asarray(labels), names, channels, files)

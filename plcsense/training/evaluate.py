@@ -8,14 +8,8 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, log_loss, precision_score, recall_score
 
 from plcsense.models.bundle import Bundle, ImageSpec, SensorSpec
-from plcsense.models.runtime import LiteRTModel
-from plcsense.training.data import DataError, load_image_folder, read_sensor_csv, sliding_windows
-
-BATCH = 64
-
-
-def predict_all(model: LiteRTModel, inputs: np.ndarray) -> np.ndarray:
-    return np.concatenate([model.predict(inputs[i : i + BATCH]) for i in range(0, len(inputs), BATCH)])
+from plcsense.models.runtime import predict_all
+from plcsense.training.data import DataError, load_image_folder, load_sensor_folder, read_sensor_csv, sliding_windows
 
 
 def _normalised(probabilities: np.ndarray) -> np.ndarray:
@@ -48,6 +42,20 @@ def classification_summary(probabilities: np.ndarray, labels: np.ndarray, names:
         "support": {c: int(n) for c, n in zip(names, support, strict=True)},
         "confusion_matrix": confusion_matrix(labels, predicted, labels=index).tolist(),
     }
+
+
+def evaluate_sensor_folder(bundle: Bundle, data_dir: Path) -> dict:
+    """Scores of a sensor classification bundle's LiteRT model on ``data_dir/<class>/*.csv``.
+
+    Returns ``n``, ``accuracy``, ``loss``, per-class ``precision``/``recall``/``support`` (dicts keyed by label)
+    and ``confusion_matrix`` (rows: true label, columns: predicted, in ``labels`` order).
+    """
+    manifest = bundle.manifest
+    spec = manifest.input
+    if manifest.task != "classification" or not isinstance(spec, SensorSpec) or not manifest.labels:
+        raise DataError(f"bundle {bundle.path} is not a sensor classification model ({manifest.task})")
+    data = load_sensor_folder(data_dir, columns=spec.channels, classes=manifest.labels, window=spec.window)
+    return classification_summary(predict_all(bundle.model, data.inputs), data.labels, manifest.labels)
 
 
 def anomaly_scores(bundle: Bundle, paths: list[Path], label_column: str) -> dict[str, float]:
@@ -83,8 +91,6 @@ def evaluate(bundle: Bundle, data: Path, *, label_column: str = "anomaly") -> di
     """Scores for one folder of class folders (classification) or one CSV file / folder of CSVs (anomaly)."""
     manifest = bundle.manifest
     if manifest.task == "classification" and isinstance(manifest.input, SensorSpec):
-        from plcsense.training.sensor_classify import evaluate_sensor_folder
-
         return evaluate_sensor_folder(bundle, data)
     if manifest.task == "classification":
         assert isinstance(manifest.input, ImageSpec) and manifest.labels

@@ -8,19 +8,16 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from plcsense.models.bundle import GOLDEN_FILE, MODEL_FILE, Bundle, Manifest, load_bundle, write_manifest
-from plcsense.models.runtime import LiteRTModel
+from plcsense.models.bundle import GOLDEN_FILE, MODEL_FILE, Bundle, Manifest, Quantize, load_bundle, write_manifest
+from plcsense.models.runtime import LiteRTModel, predict_all
 
 GOLDEN_SAMPLES = 3
 REPRESENTATIVE_SAMPLES = 200
-
-Quantize = Literal["none", "float16", "int8"]
 
 
 class ExportError(RuntimeError):
@@ -70,8 +67,6 @@ def check_output_dir(out: Path) -> None:
 
 
 def _top1_agreement(a: LiteRTModel, b: LiteRTModel, inputs: np.ndarray) -> float:
-    from plcsense.training.evaluate import predict_all
-
     return float(np.mean(predict_all(a, inputs).argmax(axis=1) == predict_all(b, inputs).argmax(axis=1)))
 
 

@@ -16,10 +16,11 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from plcsense.models.bundle import Bundle, ImageSpec, new_manifest
+from plcsense.models.bundle import Bundle, ImageSpec, Quantize, new_manifest
+from plcsense.models.runtime import predict_all
 from plcsense.training.data import IMAGE_SUFFIXES, DataError, ImageSet, class_folders, load_image_folder
-from plcsense.training.evaluate import classification_scores, predict_all
-from plcsense.training.export import Quantization, Quantize, check_output_dir, export_bundle
+from plcsense.training.evaluate import classification_scores
+from plcsense.training.export import Quantization, check_output_dir, export_bundle
 from plcsense.training.fitting import fit_keeping_best
 from plcsense.training.splits import balanced_class_weights, split_indices
 

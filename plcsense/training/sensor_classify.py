@@ -11,19 +11,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import keras
 import numpy as np
+from keras import layers
 
-from plcsense.models.bundle import Bundle, SensorSpec, new_manifest
-from plcsense.training.data import DataError, class_folders, read_sensor_csv
-from plcsense.training.evaluate import classification_scores, classification_summary, predict_all
+from plcsense.models.bundle import Bundle, Quantize, SensorSpec, new_manifest
+from plcsense.models.runtime import predict_all
+from plcsense.training.data import DataError, load_sensor_folder
+from plcsense.training.evaluate import classification_scores
+from plcsense.training.export import Quantization, check_output_dir, export_bundle
+from plcsense.training.fitting import fit_keeping_best
+from plcsense.training.report import classification_report_files
 from plcsense.training.splits import balanced_class_weights, split_indices
-
-if TYPE_CHECKING:  # TensorFlow only for training: evaluating a bundle needs LiteRT alone
-    import keras
-
-from plcsense.training.export import Quantize
 
 log = logging.getLogger("plcsense.training")
 
@@ -52,72 +52,6 @@ class SensorClassifyConfig:
     version: str = "1"
 
 
-@dataclass
-class SensorSamples:
-    inputs: np.ndarray  # (n, window, channels) float32
-    labels: np.ndarray  # (n,) int
-    classes: list[str]
-    channels: list[str]
-    files: list[Path]
-
-    @property
-    def window(self) -> int:
-        return int(self.inputs.shape[1])
-
-
-def load_sensor_folder(
-    root: Path,
-    *,
-    columns: list[str] | None = None,
-    classes: list[str] | None = None,
-    window: int | None = None,
-) -> SensorSamples:
-    """Load ``root/<class>/*.csv`` into one (n, window, channels) array.
-
-    Every file must have the same number of rows (``window`` when given) and the same channels (``columns``
-    when given, else those of the first file); a file that differs is named in the :class:`DataError`.
-    ``classes`` fixes the label order (a trained model's labels); a folder outside it is an error.
-    """
-    folders = class_folders(root)
-    names = classes or [f.name for f in folders]
-    index = {name: i for i, name in enumerate(names)}
-    inputs: list[np.ndarray] = []
-    labels: list[int] = []
-    files: list[Path] = []
-    channels = list(columns) if columns else None
-    first: Path | None = None
-    for folder in folders:
-        if folder.name not in index:
-            raise DataError(f"{folder}: class {folder.name!r} is not one the model knows ({', '.join(names)})")
-        paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".csv")
-        if not paths:
-            raise DataError(f"class folder {folder} holds no .csv files (one CSV per sample)")
-        for path in paths:
-            table = read_sensor_csv(path, columns=columns)
-            if channels is None:
-                channels = table.columns
-            elif table.columns != channels:
-                raise DataError(
-                    f"{path}: channels {table.columns} differ from {channels} in {first}; "
-                    "every sample needs the same columns (or choose them with --columns)"
-                )
-            rows = len(table.values)
-            expected = window if window is not None else (len(inputs[0]) if inputs else rows)
-            if rows != expected:
-                where = "the model's window" if window is not None else f"{first}"
-                raise DataError(
-                    f"{path}: {rows} rows (time steps), but {where} has {expected}; "
-                    "every sample must have the same length"
-                )
-            if first is None:
-                first = path
-            inputs.append(table.values)
-            labels.append(index[folder.name])
-            files.append(path)
-    assert channels is not None
-    return SensorSamples(np.stack(inputs).astype(np.float32), np.asarray(labels), names, channels, files)
-
-
 def channel_stats(inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and standard deviation over every sample and time step; constant channels get std 1."""
     flat = inputs.reshape(-1, inputs.shape[-1]).astype(np.float64)
@@ -141,9 +75,6 @@ def cnn1d(
     Normalisation (per channel) -> Conv1D + batch norm + ReLU blocks -> global average pooling -> dropout ->
     softmax. Global pooling makes the head independent of the window length and keeps the model small.
     """
-    import keras
-    from keras import layers
-
     channels = len(mean)
     inputs = keras.Input((window, channels), name="readings")
     x = layers.Normalization(axis=-1, mean=np.asarray(mean), variance=np.square(std), name="normalise")(inputs)
@@ -165,12 +96,6 @@ def train_sensor_classifier(data_dir: Path, out: Path, cfg: SensorClassifyConfig
     weights restored (Ctrl-C does the same and exports). The manifest's test figures and the ``report/``
     (confusion matrix, per-class precision/recall, training curves) are measured with the exported LiteRT model.
     """
-    import keras
-
-    from plcsense.training.export import Quantization, check_output_dir, export_bundle
-    from plcsense.training.fitting import fit_keeping_best
-    from plcsense.training.report import classification_report_files
-
     check_output_dir(out)
     data = load_sensor_folder(data_dir, columns=cfg.columns)
     if len(data.classes) < 2:
@@ -250,17 +175,3 @@ def train_sensor_classifier(data_dir: Path, out: Path, cfg: SensorClassifyConfig
 
     quantization = Quantization(cfg.quantize, data.inputs[train], cfg.min_agreement)  # export samples it at random
     return export_bundle(out, model, manifest, data.inputs[held_out], score, quantization=quantization, report=report)
-
-
-def evaluate_sensor_folder(bundle: Bundle, data_dir: Path) -> dict:
-    """Scores of a sensor classification bundle's LiteRT model on ``data_dir/<class>/*.csv``.
-
-    Returns ``n``, ``accuracy``, ``loss``, per-class ``precision``/``recall``/``support`` (dicts keyed by label)
-    and ``confusion_matrix`` (rows: true label, columns: predicted, in ``labels`` order).
-    """
-    manifest = bundle.manifest
-    spec = manifest.input
-    if manifest.task != "classification" or not isinstance(spec, SensorSpec) or not manifest.labels:
-        raise DataError(f"bundle {bundle.path} is not a sensor classification model ({manifest.task})")
-    data = load_sensor_folder(data_dir, columns=spec.channels, classes=manifest.labels, window=spec.window)
-    return classification_summary(predict_all(bundle.model, data.inputs), data.labels, manifest.labels)

@@ -20,8 +20,8 @@ from typing import Literal
 import numpy as np
 
 from plcsense.models.bundle import Bundle, SensorSpec, new_manifest
+from plcsense.models.runtime import predict_all
 from plcsense.training.data import DataError, SensorTable, read_sensor_csv, sliding_windows
-from plcsense.training.evaluate import predict_all
 from plcsense.training.export import check_output_dir, export_bundle
 
 log = logging.getLogger("plcsense.training")
