@@ -13,27 +13,31 @@ import contextlib
 import csv
 import json
 import os
-import shutil
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from plcsense.mqtt_url import client_for, host_port
+from plcsense.harness import (
+    Answer,
+    Broker,
+    MqttConnectError,
+    ResultCollector,
+    WorkerError,
+    WorkerProcess,
+    close,
+    connect,
+    free_port,
+    mosquitto_available,
+    start_broker,
+    write_worker_config,
+)
 
 IMAGE_TOPIC = "demo/line1/camera"
 SENSOR_TOPIC = "demo/line1/eeg"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+DEFAULT_METRICS_PORT = 9108
 
 
 def _port_free(port: int) -> bool:
@@ -45,40 +49,21 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _wait_port(port: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def start_broker(workdir: Path) -> tuple[str, subprocess.Popen | None]:
-    """The broker at ``PLCSENSE_MQTT_URL``, or a private Mosquitto on a free port."""
+def demo_broker(workdir: Path) -> tuple[str, Broker | None]:
+    """The broker at ``PLCSENSE_MQTT_URL``, or a private Mosquitto on a free port (then also returned)."""
     url = os.environ.get("PLCSENSE_MQTT_URL")
     if url:
         return url, None
-    binary = shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
-    )
-    if binary is None:
+    if not mosquitto_available():
         raise SystemExit(
             "demo: no MQTT broker. Install one (sudo apt-get install mosquitto) or point the demo at yours "
             "with PLCSENSE_MQTT_URL=mqtt://host:1883"
         )
-    port = _free_port()
-    conf = workdir / "mosquitto.conf"
-    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "max_queued_messages 10000"]
-    if os.geteuid() == 0:
-        lines.append("user root")  # otherwise mosquitto drops to a user that cannot read our work folder
-    conf.write_text("\n".join(lines) + "\n")
-    log = (workdir / "mosquitto.log").open("w")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-    if not _wait_port(port, 10):
-        proc.kill()
-        raise SystemExit(f"demo: mosquitto did not start; see {workdir / 'mosquitto.log'}")
-    return f"mqtt://127.0.0.1:{port}", proc
+    try:
+        broker = start_broker(workdir / "broker", verbose_log=False)
+    except RuntimeError as exc:
+        raise SystemExit(f"demo: {exc}") from None
+    return broker.url, broker
 
 
 def write_digits(folder: Path) -> None:
@@ -127,23 +112,11 @@ def prepare(workdir: Path) -> tuple[Path, Path]:
     return digits, eeg
 
 
-def _worker_config(workdir: Path, url: str, metrics_port: int) -> Path:
-    config = {
-        "mqtt": {"url": url, "client_id": "plcsense-demo", "protocol": "3.1.1" if "amqtt" in url else "5"},
-        "metrics": {"port": metrics_port, "host": "127.0.0.1"},
-        "routes": [
-            {
-                "name": "camera",
-                "topic": "demo/+/camera",
-                "model": str(workdir / "bundles" / "digits"),
-                "encoding": "image",
-            },
-            {"name": "eeg", "topic": "demo/+/eeg", "model": str(workdir / "bundles" / "eeg"), "encoding": "json"},
-        ],
-    }
-    path = workdir / "worker.json.yaml"
-    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
-    return path
+def _routes(workdir: Path) -> list[dict[str, str]]:
+    return [
+        {"name": "camera", "topic": "demo/+/camera", "model": str(workdir / "bundles" / "digits"), "encoding": "image"},
+        {"name": "eeg", "topic": "demo/+/eeg", "model": str(workdir / "bundles" / "eeg"), "encoding": "json"},
+    ]
 
 
 class Tally:
@@ -154,17 +127,15 @@ class Tally:
         self.results = 0
         self.errors = 0
         self.per_route: dict[str, int] = {}
-        self.lock = threading.Lock()
 
-    def on_message(self, client: object, userdata: object, msg: object) -> None:
-        topic, doc = msg.topic, json.loads(msg.payload)  # type: ignore[attr-defined]
-        with self.lock:
-            if topic.endswith("/error"):
-                self.errors += 1
-                print(f"  error  {doc['topic']}: {doc['error']} ({doc['detail']})", flush=True)
-                return
-            self.results += 1
-            n = self.per_route[doc["topic"]] = self.per_route.get(doc["topic"], 0) + 1
+    def on_answer(self, answer: Answer) -> None:  # one at a time: called on the collector's network thread
+        doc = answer.doc
+        if answer.is_error:
+            self.errors += 1
+            print(f"  error  {doc['topic']}: {doc['error']} ({doc['detail']})", flush=True)
+            return
+        self.results += 1
+        n = self.per_route[doc["topic"]] = self.per_route.get(doc["topic"], 0) + 1
         if doc["task"] == "classification":
             what = f"label {doc['label']} ({doc['score']:.2f})"
         else:
@@ -181,24 +152,45 @@ def run_demo() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     seconds = float(os.environ.get("PLCSENSE_DEMO_SECONDS", "0")) or None
     digits, eeg = prepare(workdir)
-    url, broker = start_broker(workdir)
-    metrics_port = 9108 if _port_free(9108) else _free_port()
-    config = _worker_config(workdir, url, metrics_port)
-    worker = subprocess.Popen([sys.executable, "-m", "plcsense", "serve", "--config", str(config)])
-    tally, sent, stop = Tally(), [0, 0, 0], threading.Event()
-    listener = client_for(url)
-    listener.on_message = tally.on_message
-    listener.connect(*host_port(url))
-    listener.subscribe(
-        [("demo/+/camera/result", 1), ("demo/+/camera/error", 1), ("demo/+/eeg/result", 1), ("demo/+/eeg/error", 1)]
-    )
-    listener.loop_start()
-    print(
-        f"demo: broker {url}; worker metrics at http://127.0.0.1:{metrics_port}/metrics "
-        f"(also /healthz, /readyz); Ctrl-C to stop",
-        flush=True,
-    )
-    _wait_port(metrics_port, 30)
+    url, broker = demo_broker(workdir)
+    try:
+        return _serve_and_replay(workdir, url, digits, eeg, seconds)
+    except (MqttConnectError, WorkerError) as exc:
+        raise SystemExit(f"demo: {exc}") from None
+    finally:
+        if broker:
+            broker.stop()
+
+
+def _serve_and_replay(workdir: Path, url: str, digits: Path, eeg: Path, seconds: float | None) -> int:
+    metrics_port = DEFAULT_METRICS_PORT if _port_free(DEFAULT_METRICS_PORT) else free_port()
+    mqtt = {"url": url, "client_id": "plcsense-demo", "protocol": "3.1.1" if "amqtt" in url else "5"}
+    config, _ = write_worker_config(workdir / "worker.json.yaml", mqtt, _routes(workdir), metrics_port=metrics_port)
+    (workdir / "worker.log").unlink(missing_ok=True)
+    worker = WorkerProcess(config, metrics_port, workdir / "worker.log")
+    tally = Tally()
+    answers = [f"demo/+/{name}/{kind}" for name in ("camera", "eeg") for kind in ("result", "error")]
+    listener = ResultCollector(connect(url), answers, on_answer=tally.on_answer)
+    print(f"demo: broker {url}; starting the worker (its log: {worker.log_path})", flush=True)
+    try:
+        worker.start(timeout=60)
+        print(
+            f"demo: worker metrics at http://127.0.0.1:{metrics_port}/metrics (also /healthz, /readyz); Ctrl-C to stop",
+            flush=True,
+        )
+        sent = _replay_until(url, digits, eeg, seconds)
+        code = worker.terminate(60)  # drains: every answer is accepted by the broker before the worker exits
+        time.sleep(0.5)  # and the broker forwards the last of them to the listener
+    finally:
+        worker.stop()
+        listener.close()
+    print(f"demo: {sent} messages, {tally.results} results, {tally.errors} errors", flush=True)
+    return 0 if code == 0 and tally.results > 0 else 1
+
+
+def _replay_until(url: str, digits: Path, eeg: Path, seconds: float | None) -> int:
+    """Replay images, EEG readings and corrupt payloads until ``seconds`` pass or Ctrl-C; how many were sent."""
+    sent, stop = [0, 0, 0], threading.Event()
     threads = [
         threading.Thread(target=_replay, args=(url, IMAGE_TOPIC, digits, 5.0, stop, sent, 0), daemon=True),
         threading.Thread(target=_replay, args=(url, SENSOR_TOPIC, eeg, 20.0, stop, sent, 1), daemon=True),
@@ -211,16 +203,7 @@ def run_demo() -> int:
     stop.set()
     for thread in threads:
         thread.join(10)
-    worker.send_signal(signal.SIGTERM)
-    code = worker.wait(60)
-    time.sleep(0.5)
-    listener.disconnect()
-    listener.loop_stop()
-    if broker:
-        broker.terminate()
-        broker.wait(10)
-    print(f"demo: {sum(sent)} messages, {tally.results} results, {tally.errors} errors", flush=True)
-    return 0 if code == 0 and tally.results > 0 else 1
+    return sum(sent)
 
 
 def _replay(url: str, topic: str, source: Path, rate: float, stop: threading.Event, sent: list[int], slot: int) -> None:
@@ -229,9 +212,7 @@ def _replay(url: str, topic: str, source: Path, rate: float, stop: threading.Eve
     payloads = payloads_for(source)
     if source.is_dir():  # images come sorted by class: mix them like a real line would
         np.random.default_rng(0).shuffle(payloads)
-    client = client_for(url)
-    client.connect(*host_port(url))
-    client.loop_start()
+    client = connect(url)
     started, i = time.monotonic(), 0
     while not stop.is_set():
         payload = payloads[i % len(payloads)][1]
@@ -243,20 +224,16 @@ def _replay(url: str, topic: str, source: Path, rate: float, stop: threading.Eve
         i += 1
         sent[slot] = i
         stop.wait(max(0.0, started + i / rate - time.monotonic()))
-    client.disconnect()
-    client.loop_stop()
+    close(client)
 
 
 def _corrupt(url: str, stop: threading.Event, sent: list[int], slot: int) -> None:
     """Every 10 s something a misbehaving PLC might send, to show the error path."""
     bad = [(IMAGE_TOPIC, b"\xff\xd8 truncated jpeg"), (SENSOR_TOPIC, b'{"data": [1, 2]}'), (SENSOR_TOPIC, b"not json")]
-    client = client_for(url)
-    client.connect(*host_port(url))
-    client.loop_start()
+    client = connect(url)
     i = 0
     while not stop.wait(10):
         client.publish(*bad[i % len(bad)], qos=1)
         i += 1
         sent[slot] = i
-    client.disconnect()
-    client.loop_stop()
+    close(client)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from plcsense.mqtt_url import client_for, host_port
+from plcsense.harness import close, connect
 from plcsense.training.data import IMAGE_SUFFIXES, DataError, read_sensor_csv
 
 
@@ -57,12 +57,14 @@ def simulate(
     encoding: str = "json",
     qos: int = 1,
 ) -> int:
-    """Publish every payload of ``source`` to ``topic`` at ``rate`` per second; return how many were sent."""
+    """Publish every payload of ``source`` to ``topic`` at ``rate`` per second; return how many were sent.
+
+    A broker that is unreachable or refuses the connection raises :class:`plcsense.harness.MqttConnectError`
+    before anything is published (paho alone would queue the messages and drop them silently).
+    """
     payloads = payloads_for(source, columns, encoding)
     stream: Iterator[tuple[str, bytes]] = cycle(payloads) if loop else iter(payloads)
-    client = client_for(url, protocol=protocol)
-    client.connect(*host_port(url))
-    client.loop_start()
+    client = connect(url, protocol=protocol)
     sent, started = 0, time.monotonic()
     infos = []
     try:
@@ -76,6 +78,5 @@ def simulate(
         for info in infos:
             info.wait_for_publish(timeout=30)
     finally:
-        client.disconnect()
-        client.loop_stop()
+        close(client)
     return sent

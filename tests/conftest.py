@@ -3,13 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import threading
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +10,16 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.broker import Broker, free_port, mosquitto_available, start_broker
+from plcsense.harness import (
+    Broker,
+    ResultCollector,
+    WorkerProcess,
+    close,
+    mosquitto_available,
+    start_broker,
+    write_worker_config,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WINDOW = 20  # readings per window of the tiny sensor bundle
@@ -113,59 +113,38 @@ def image_bundle(image_data: Path) -> Path:
 
 # ----------------------------------------------------------------------------- MQTT helpers
 def mqtt_client(broker: Broker, protocol: str = "5", client_id: str = "") -> mqtt.Client:
-    client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311,
-    )
-    if broker.username:
-        client.username_pw_set(broker.username, broker.password)
-    if broker.tls:
-        client.tls_set(ca_certs=str(broker.ca_file))
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    return client
+    """A client connected to ``broker`` (CONNACK checked), its network loop running."""
+    return broker.connect(protocol=protocol, client_id=client_id)
 
 
 class Collector:
-    """Subscribes to a filter and keeps every message it gets."""
+    """Subscribes to a filter and keeps every message it gets (a test's view of the harness's collector)."""
 
     def __init__(self, broker: Broker, topic: str, protocol: str = "5") -> None:
-        self.messages: list[mqtt.MQTTMessage] = []
-        self._cond = threading.Condition()
-        self._subscribed = threading.Event()
-        self.client = mqtt_client(broker, protocol)
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.subscribe(topic, qos=1)
-        assert self._subscribed.wait(5), "subscription not acknowledged"
+        self.answers = ResultCollector(mqtt_client(broker, protocol), topic)
+        self.client = self.answers.client
 
-    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        with self._cond:
-            self.messages.append(msg)
-            self._cond.notify_all()
+    @property
+    def messages(self) -> list[mqtt.MQTTMessage]:
+        return self.answers.messages
 
     def json(self, suffix: str = "") -> list[dict]:
-        with self._cond:
-            return [json.loads(m.payload) for m in self.messages if m.topic.endswith(suffix)]
+        return [json.loads(m.payload) for m in self.answers.messages_on(suffix)]
 
     def wait(self, count: int, suffix: str = "", timeout: float = 20) -> list[mqtt.MQTTMessage]:
         """Wait until ``count`` messages whose topic ends with ``suffix`` arrived; return those there are."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while sum(m.topic.endswith(suffix) for m in self.messages) < count:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            return [m for m in self.messages if m.topic.endswith(suffix)]
+        self.answers.wait_until(lambda: len(self.answers.messages_on(suffix)) >= count, timeout)
+        return self.answers.messages_on(suffix)
 
     def wait_for(self, count: int, suffix: str = "", timeout: float = 20) -> list[dict]:
         return [json.loads(m.payload) for m in self.wait(count, suffix, timeout)]
 
+    def wait_for_ids(self, ids: list[str], timeout: float = 20) -> bool:
+        """Wait for an answer to each id: send a sentinel last and wait for it to show nothing else came."""
+        return self.answers.wait_for(ids, timeout)
+
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.answers.close()
 
 
 @pytest.fixture
@@ -181,80 +160,10 @@ def publish_all(broker: Broker, topic: str, payloads: list[bytes | str], protoco
     infos = [client.publish(topic, p, qos=1, **kw) for p in payloads]
     for info in infos:
         info.wait_for_publish(10)
-    client.disconnect()
-    client.loop_stop()
+    close(client)
 
 
 # ----------------------------------------------------------------------------- the worker process
-class WorkerProcess:
-    def __init__(self, config: Path, metrics_port: int, log: Path, env: dict[str, str] | None = None) -> None:
-        self.config, self.metrics_port, self.log_path = config, metrics_port, log
-        self.env = env or {}
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, wait: bool = True) -> WorkerProcess:
-        with self.log_path.open("a") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "plcsense", "serve", "--config", str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **self.env},
-            )
-        if wait:
-            self.wait_ready()
-        return self
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=2) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        assert self.proc is not None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if self.get("/readyz")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"worker not ready after {timeout} s:\n{self.log()}")
-
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        _, text = self.get("/metrics")
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
-
-    def metric(self, name: str, **labels: str) -> float:
-        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
-
-    def terminate(self, timeout: float = 30) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 def worker_config(
     path: Path,
     broker: Broker,
@@ -264,16 +173,8 @@ def worker_config(
     client_id: str = "test-worker",
     **mqtt_extra: object,
 ) -> tuple[Path, int]:
-    port = free_port()
-    mqtt_settings: dict[str, object] = {"url": broker.url, "client_id": client_id, "protocol": protocol}
-    if broker.username:
-        mqtt_settings |= {"username": broker.username, "password": broker.password}
-    if broker.tls:
-        mqtt_settings["ca_file"] = str(broker.ca_file)
-    mqtt_settings |= mqtt_extra
-    config = {"mqtt": mqtt_settings, "metrics": {"port": port, "host": "127.0.0.1"}, "routes": routes}
-    path.write_text(json.dumps(config))
-    return path, port
+    settings = {**broker.mqtt_settings(), "client_id": client_id, "protocol": protocol, **mqtt_extra}
+    return write_worker_config(path, settings, routes)
 
 
 @pytest.fixture

@@ -1,109 +1,24 @@
-"""The private-Mosquitto test helper starts brokers speaking MQTT 3.1.1/5, TLS, auth and persistence."""
+"""The harness: private Mosquitto brokers (MQTT 3.1.1/5, TLS, auth, persistence, extra config), a connect that
+checks the CONNACK, and the answer collector."""
 
 from __future__ import annotations
 
+import json
 import queue
-import ssl
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-try:  # works whether or not tests/ is a package
-    from tests import broker as broker_mod
-except ImportError:  # pragma: no cover - depends on pytest's rootdir/sys.path
-    import broker as broker_mod  # type: ignore[no-redef]
+from plcsense import harness
+from plcsense.harness import Broker, MqttConnectError, ResultCollector, close, start_broker
 
-Broker = broker_mod.Broker
-start_broker = broker_mod.start_broker
-
-pytestmark = pytest.mark.skipif(not broker_mod.mosquitto_available(), reason="mosquitto not installed")
+pytestmark = pytest.mark.skipif(not harness.mosquitto_available(), reason="mosquitto not installed")
 
 TIMEOUT = 5.0
-PROTOCOLS = [pytest.param(mqtt.MQTTv5, id="v5"), pytest.param(mqtt.MQTTv311, id="v311")]
-
-
-class Session:
-    """A paho client with its network loop running and received messages in a queue."""
-
-    def __init__(
-        self,
-        broker: Broker,
-        *,
-        protocol: int = mqtt.MQTTv5,
-        client_id: str | None = None,
-        password: str | None = None,
-        client_cert: bool = False,
-        persistent: bool = False,
-    ) -> None:
-        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
-        self.connected = threading.Event()
-        self.done = threading.Event()  # CONNACK (good or bad) or connection lost
-        self.reason: mqtt.ReasonCode | None = None
-        self.session_present = False
-        client_id = client_id or f"t-{uuid.uuid4().hex[:8]}"
-        kwargs: dict = {"protocol": protocol}
-        if protocol != mqtt.MQTTv5:
-            kwargs["clean_session"] = not persistent
-        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, **kwargs)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = lambda *_args: self.done.set()
-        self.client.on_connect_fail = lambda *_args: self.done.set()
-        self.client.on_message = lambda _c, _u, msg: self.messages.put(msg)
-        if broker.username:
-            self.client.username_pw_set(broker.username, broker.password if password is None else password)
-        if broker.tls:
-            self.client.tls_set(
-                ca_certs=str(broker.ca_file),
-                certfile=str(broker.client_cert) if client_cert else None,
-                keyfile=str(broker.client_key) if client_cert else None,
-            )
-        connect_kwargs: dict = {}
-        if protocol == mqtt.MQTTv5:
-            connect_kwargs["clean_start"] = not persistent
-            if persistent:
-                props = Properties(PacketTypes.CONNECT)
-                props.SessionExpiryInterval = 3600
-                connect_kwargs["properties"] = props
-        self.client.reconnect_delay_set(60, 60)  # a refused connect must not be retried during a test
-        self.client.connect(broker.host, broker.port, keepalive=30, **connect_kwargs)
-        self.client.loop_start()
-
-    def _on_connect(self, _client, _userdata, flags, reason_code, _properties) -> None:
-        self.reason = reason_code
-        self.session_present = bool(flags.session_present)
-        if not reason_code.is_failure:
-            self.connected.set()
-        self.done.set()
-
-    def wait_connected(self) -> Session:
-        assert self.done.wait(TIMEOUT), "no CONNACK"
-        assert self.connected.is_set(), f"connect refused: {self.reason}"
-        return self
-
-    def subscribe(self, topic: str, qos: int = 1) -> None:
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *_args: subscribed.set()
-        self.client.subscribe(topic, qos=qos)
-        assert subscribed.wait(TIMEOUT), "no SUBACK"
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
-        info = self.client.publish(topic, payload, qos=qos)
-        info.wait_for_publish(TIMEOUT)
-        assert info.is_published()
-
-    def next_message(self) -> mqtt.MQTTMessage:
-        return self.messages.get(timeout=TIMEOUT)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+PROTOCOLS = [pytest.param("5", id="v5"), pytest.param("3.1.1", id="v311")]
 
 
 @pytest.fixture
@@ -115,22 +30,25 @@ def plain_broker(tmp_path: Path) -> Iterator[Broker]:
         broker.stop()
 
 
-def round_trip(broker: Broker, protocol: int = mqtt.MQTTv5, **session_kwargs) -> None:
+def round_trip(broker: Broker, protocol: str = "5", **connect_kwargs: object) -> None:
     topic = f"plcsense/test/{uuid.uuid4().hex[:8]}"
-    sub = Session(broker, protocol=protocol, **session_kwargs).wait_connected()
-    pub = Session(broker, protocol=protocol, **session_kwargs).wait_connected()
+    sub = ResultCollector(broker.connect(protocol=protocol, **connect_kwargs), topic)
+    pub = broker.connect(protocol=protocol, **connect_kwargs)
     try:
-        sub.subscribe(topic)
-        pub.publish(topic, b"\x00hello\xff")
-        msg = sub.next_message()
+        info = pub.publish(topic, b"\x00hello\xff", qos=1)
+        info.wait_for_publish(TIMEOUT)
+        assert info.is_published()
+        assert sub.wait_until(lambda: len(sub.messages) == 1, TIMEOUT)
+        msg = sub.messages[0]
         assert (msg.topic, msg.payload, msg.qos) == (topic, b"\x00hello\xff", 1)
+        assert sub.answers == [], "a payload that is no worker answer is kept as a message only"
     finally:
         sub.close()
-        pub.close()
+        close(pub)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_plain_round_trip(plain_broker: Broker, protocol: int) -> None:
+def test_plain_round_trip(plain_broker: Broker, protocol: str) -> None:
     assert plain_broker.url == f"mqtt://127.0.0.1:{plain_broker.port}"
     assert plain_broker.port != 1883 and plain_broker.running
     round_trip(plain_broker, protocol)
@@ -141,8 +59,8 @@ def test_stop_is_idempotent_and_frees_port(tmp_path: Path) -> None:
     broker.stop()
     broker.stop()
     assert not broker.running
-    with pytest.raises(OSError):
-        mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2).connect(broker.host, broker.port)
+    with pytest.raises(MqttConnectError, match=r"cannot reach the MQTT broker at mqtt://127\.0\.0\.1:"):
+        broker.connect()
 
 
 def test_tls_with_auth(tmp_path: Path) -> None:
@@ -151,14 +69,18 @@ def test_tls_with_auth(tmp_path: Path) -> None:
         assert broker.url == f"mqtts://127.0.0.1:{broker.port}"
         assert broker.username == "plc" and broker.password
         assert broker.ca_file and broker.ca_file.exists()
+        assert broker.mqtt_settings() == {
+            "url": broker.url,
+            "username": "plc",
+            "password": broker.password,
+            "ca_file": str(broker.ca_file),
+        }
         round_trip(broker)
-        bad = Session(broker, password="wrong-password")
-        try:
-            assert bad.done.wait(TIMEOUT)
-            assert not bad.connected.is_set()
-            assert bad.reason is not None and bad.reason.is_failure
-        finally:
-            bad.close()
+        with pytest.raises(MqttConnectError, match="refused the connection: Not authorized") as refused:
+            harness.connect(broker.url, username="plc", password="wrong-password", ca_file=broker.ca_file)
+        assert refused.value.reason is not None and refused.value.reason.is_failure
+        with pytest.raises(MqttConnectError, match="refused the connection"):
+            harness.connect(broker.url, ca_file=broker.ca_file, protocol="3.1.1")  # anonymous
     finally:
         broker.stop()
 
@@ -167,10 +89,8 @@ def test_tls_rejects_untrusted_ca(tmp_path: Path) -> None:
     broker = start_broker(tmp_path / "a", tls=True)
     other = start_broker(tmp_path / "b", tls=True)  # a different CA
     try:
-        client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
-        client.tls_set(ca_certs=str(other.ca_file))
-        with pytest.raises(ssl.SSLError):
-            client.connect(broker.host, broker.port)
+        with pytest.raises(MqttConnectError, match=r"cannot reach .*CERTIFICATE_VERIFY_FAILED"):
+            harness.connect(broker.url, ca_file=other.ca_file)
     finally:
         broker.stop()
         other.stop()
@@ -180,51 +100,95 @@ def test_mutual_tls(tmp_path: Path) -> None:
     broker = start_broker(tmp_path, require_client_cert=True)
     try:
         assert broker.tls and broker.client_cert and broker.client_key
-        round_trip(broker, client_cert=True)
+        round_trip(broker, cert_file=broker.client_cert, key_file=broker.client_key)
         # Without a client certificate the broker ends the TLS session before any CONNACK.
-        try:
-            anon = Session(broker)
-        except (ssl.SSLError, OSError):
-            return
-        try:
-            assert anon.done.wait(TIMEOUT)
-            assert not anon.connected.is_set()
-        finally:
-            anon.close()
+        with pytest.raises(MqttConnectError):
+            broker.connect(timeout=TIMEOUT)
     finally:
         broker.stop()
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_persistent_session_survives_restart(tmp_path: Path, protocol: int) -> None:
+def test_persistent_session_survives_restart(tmp_path: Path, protocol: str) -> None:
     broker = start_broker(tmp_path, persistence=True)
     try:
         topic = f"plcsense/persist/{uuid.uuid4().hex[:8]}"
         client_id = f"persist-{uuid.uuid4().hex[:8]}"
-        sub = Session(broker, protocol=protocol, client_id=client_id, persistent=True).wait_connected()
-        sub.subscribe(topic)
-        sub.close()
+        persistent = {"protocol": protocol, "client_id": client_id, "session_expiry_s": 3600}
+        ResultCollector(broker.connect(**persistent), topic).close()
 
-        pub = Session(broker, protocol=protocol).wait_connected()
-        pub.publish(topic, b"queued while offline")
-        pub.close()
+        pub = broker.connect(protocol=protocol)
+        pub.publish(topic, b"queued while offline", qos=1).wait_for_publish(TIMEOUT)
+        close(pub)
 
         old_pid = broker.process.pid
         broker.restart()
         assert broker.running and broker.process.pid != old_pid
 
-        sub = Session(broker, protocol=protocol, client_id=client_id, persistent=True).wait_connected()
+        # The queued message comes right after the CONNACK: the handler must be there before connecting.
+        got: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        sub = broker.connect(**persistent, on_message=lambda _c, _u, m: got.put(m))
         try:
-            assert sub.session_present, broker.log()
-            msg = sub.next_message()
-            assert (msg.topic, msg.payload, msg.qos) == (topic, b"queued while offline", 1)
+            msg = got.get(timeout=TIMEOUT)
+            assert (msg.topic, msg.payload, msg.qos) == (topic, b"queued while offline", 1), broker.log()
         finally:
-            sub.close()
+            close(sub)
     finally:
         broker.stop()
 
 
+def test_extra_conf_acl_refuses_a_publish(tmp_path: Path) -> None:
+    """Extra config lines reach the broker: an ACL refuses a publish (MQTT 5 PUBACK 0x87). Mosquitto 2.0's
+    acl_file does not refuse subscriptions: it grants them and delivers nothing."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite allowed/#\n")
+    broker = start_broker(tmp_path / "broker", extra_conf=[f"acl_file {acl}"])
+    acks: queue.Queue[tuple[int, mqtt.ReasonCode]] = queue.Queue()
+    pub = broker.connect()
+    pub.on_publish = lambda _c, _u, mid, reason, _p: acks.put((mid, reason))
+    try:
+        assert f"acl_file {acl}" in broker.config_file.read_text()
+        allowed = pub.publish("allowed/x", b"1", qos=1).mid
+        denied = pub.publish("denied/x", b"1", qos=1).mid
+        reasons = dict(acks.get(timeout=TIMEOUT) for _ in range(2))
+        assert not reasons[allowed].is_failure
+        assert reasons[denied].is_failure and str(reasons[denied]) == "Not authorized"
+    finally:
+        close(pub)
+        broker.stop()
+
+
+def test_collector_counts_answers_once_per_id(plain_broker: Broker) -> None:
+    """Inputs and foreign payloads are kept as messages only; a redelivered answer is a duplicate, not a new one."""
+    seen: list[str] = []
+    out = ResultCollector(plain_broker.connect(), "line/#", on_answer=lambda a: seen.append(a.topic))
+    pub = plain_broker.connect()
+    try:
+        docs = [
+            {"data": [1, 2], "id": "a"},  # an input, not an answer
+            {"task": "anomaly", "id": "a", "score": 1.0},
+            {"task": "anomaly", "id": "a", "score": 1.0},  # redelivery
+            {"error": "bad_shape", "id": 7, "detail": "x"},
+            {"task": "classification", "id": None, "label": "dark"},
+        ]
+        topics = ["line/1", "line/1/result", "line/1/result", "line/2/error", "line/3/result"]
+        for topic, doc in zip(topics, docs, strict=True):
+            pub.publish(topic, json.dumps(doc), qos=1).wait_for_publish(TIMEOUT)
+        pub.publish("line/4", b"\x89PNG raw", qos=1).wait_for_publish(TIMEOUT)
+        assert out.wait_for(["a", "7"], TIMEOUT) and out.wait_for(3, TIMEOUT)
+        assert out.wait_until(lambda: len(out.messages) == 6, TIMEOUT)  # the raw payload, sent last, is here
+        assert len(out.answers) == 3
+        assert out.duplicates == 1
+        assert out.results == [docs[1], docs[4]] and out.errors == [docs[3]]
+        assert seen == ["line/1/result", "line/2/error", "line/3/result"]
+        assert out.by_id["7"].is_error and out.by_id["a"].received <= out.by_id["7"].received
+        assert not out.wait_for(["missing"], 0.1) and not out.wait_for(4, 0.1)
+    finally:
+        out.close()
+        close(pub)
+
+
 def test_missing_mosquitto_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(broker_mod, "find_executable", lambda _name: None)
+    monkeypatch.setattr(harness, "find_executable", lambda _name: None)
     with pytest.raises(RuntimeError, match="apt-get install mosquitto mosquitto-clients"):
         start_broker(tmp_path)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.broker import mosquitto_available
+from plcsense.harness import free_port, mosquitto_available, start_broker
 from tests.conftest import Collector, write_sensor_csv
 
 
@@ -27,6 +27,30 @@ def test_simulate_csv_rows_and_images(tmp_path, broker, collectors, image_data, 
     assert first["id"] == "rows-0" and len(first["data"]) == 3
     images = out.wait(5, "sim/cam")
     assert len(images) == 5 and images[0].payload.startswith(b"\x89PNG")
+
+
+@pytest.mark.skipif(not mosquitto_available(), reason="needs the mosquitto binary (apt-get install mosquitto)")
+def test_simulate_stops_with_exit_2_when_the_broker_refuses_or_is_away(tmp_path):
+    write_sensor_csv(tmp_path / "rows.csv", rows=5)
+    broker = start_broker(tmp_path / "broker", auth=True)
+    try:
+        cmd = [sys.executable, "-m", "plcsense", "simulate", str(tmp_path / "rows.csv"), "--topic", "sim/rows"]
+        refused = subprocess.run([*cmd, "--url", broker.url], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2, refused.stderr
+        assert f"the MQTT broker at {broker.url} refused the connection: Not authorized" in refused.stderr
+        assert "published" not in refused.stdout
+        wrong = f"mqtt://plc:wrong@127.0.0.1:{broker.port}"
+        secret = subprocess.run([*cmd, "--url", wrong], capture_output=True, text=True, timeout=60)
+        assert secret.returncode == 2 and "mqtt://plc:***@127.0.0.1" in secret.stderr and "wrong" not in secret.stderr
+        good = f"mqtt://plc:{broker.password}@127.0.0.1:{broker.port}"
+        accepted = subprocess.run([*cmd, "--url", good], capture_output=True, text=True, timeout=60)
+        assert accepted.returncode == 0 and "published 5 messages" in accepted.stdout, accepted.stderr
+    finally:
+        broker.stop()
+    away = f"mqtt://127.0.0.1:{free_port()}"
+    unreachable = subprocess.run([*cmd, "--url", away], capture_output=True, text=True, timeout=60)
+    assert unreachable.returncode == 2
+    assert f"cannot reach the MQTT broker at {away}" in unreachable.stderr and "Traceback" not in unreachable.stderr
 
 
 @pytest.mark.skipif(not mosquitto_available(), reason="needs the mosquitto binary (apt-get install mosquitto)")
