@@ -209,7 +209,7 @@ def test_topic_key() -> None:
 def test_worker_serves_sparkplug_readings(broker, sensor_bundle, run_worker, collectors) -> None:
     """DBIRTH with aliases, then alias-only DDATA: mapped to the model's channels by name, windowed per device."""
     from tests.conftest import WINDOW, Collector, publish_all
-    from tests.test_worker import readings
+    from tests.test_worker import readings, settled
 
     route = {"name": "spb", "topic": "spBv1.0/plant1/+/edge1/#", "model": str(sensor_bundle), "encoding": "sparkplug"}
     worker = run_worker(broker, [route])
@@ -244,4 +244,4 @@ def test_worker_serves_sparkplug_readings(broker, sensor_bundle, run_worker, col
     [error] = out.wait_for(1, "/error")
     assert error["error"] == "bad_sparkplug"
     assert worker.metric("plcsense_messages_total", route="spb") == len(payloads) + 2
-    assert worker.metric("plcsense_inflight_messages") == 0
+    assert settled(worker) == 0

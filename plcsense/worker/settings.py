@@ -22,8 +22,9 @@ class _Section(BaseModel):
 class MqttSettings(_Section):
     url: str = "mqtt://127.0.0.1:1883"
     """``mqtt://host:port`` or ``mqtts://host:port`` (TLS)."""
-    client_id: str = Field("plcsense-worker", min_length=1, max_length=128)
-    """Stable id: the broker keeps this client's session (and queued messages) across restarts."""
+    client_id: str = Field("plcsense-worker", min_length=1, max_length=120)
+    """Stable id: the broker keeps this client's session (and queued messages) across restarts. Answers go out
+    on a second connection, ``<client_id>-answers``."""
     protocol: Literal["5", "3.1.1"] = "5"
     username: str | None = None
     password: SecretStr | None = None

@@ -5,10 +5,10 @@ only after its answer (result or error) has been accepted by the broker. A worke
 loses nothing: the broker redelivers every unacknowledged input when the worker comes back.
 
 Flow control does not trust the broker: Mosquitto before 2.0.13 ignores MQTT 5 Receive Maximum once acks flow.
-When ``max_inflight`` inputs (or a route's ``max_pending``) are being worked on, the network thread waits in
-``on_message`` until one is answered, so the socket is not read and TCP pushes back on the broker. This cannot
-deadlock: an input leaves "being worked on" when its answer is handed to paho, which needs no network traffic;
-PUBACKs for answers are read again as soon as there is room.
+When ``max_inflight`` inputs are unacknowledged (or a route's ``max_pending`` are unanswered), the intake
+connection's network thread waits in ``on_message``, so its socket is not read and TCP pushes back on the broker.
+Answers go out on a second connection of their own: their PUBACKs, which free the room, never queue behind the
+inputs the intake is not reading, so the wait cannot deadlock and the bound holds exactly.
 """
 
 from __future__ import annotations
@@ -96,15 +96,16 @@ class Transport:
         self._subscribe_failed: list[str] = []
         self._unacked = 0  # inputs received and not yet acknowledged
         self._working: dict[str, int] = {}  # per route: inputs received and not yet answered
-        self._working_total = 0
-        self._pending: dict[int, Inbound | None] = {}  # outgoing publish mid -> the input it answers
+        self._pending: dict[int, Inbound] = {}  # outgoing publish mid -> the input it answers
         self._early_acks: set[int] = set()  # PUBACKs that beat the bookkeeping after publish()
         self._draining = False
         self._saturated = False
         self._connected = threading.Event()
+        self._answers_connected = threading.Event()
         self._failure: str | None = None
         self._warnings = RateLimitedLog(log)
-        self.client = self._make_client()
+        self.client = self._make_client(settings.client_id, intake=True)
+        self.answers = self._make_client(f"{settings.client_id}-answers", intake=False)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -117,10 +118,14 @@ class Transport:
             kwargs = {"clean_start": False, "properties": props}
         self.client.connect_async(s.host, s.port, s.keepalive_s, **kwargs)
         self.client.loop_start()
+        self.answers.connect_async(
+            s.host, s.port, s.keepalive_s, **({"clean_start": True} if s.protocol == "5" else {})
+        )
+        self.answers.loop_start()
         log.info("connecting to %s as %s (MQTT %s)", s.url, s.client_id, s.protocol)
 
     def ready(self) -> tuple[bool, str]:
-        if not self._connected.is_set():
+        if not (self._connected.is_set() and self._answers_connected.is_set()):
             return False, "not connected to the MQTT broker" + (f": {self._failure}" if self._failure else "")
         if self._subscribe_failed:
             return False, "subscriptions refused: " + "; ".join(self._subscribe_failed)
@@ -129,10 +134,7 @@ class Transport:
         if self._draining:
             return False, "shutting down"
         if self._saturated:
-            return (
-                False,
-                f"saturated: {self._working_total} inputs being worked on; intake paused until one is answered",
-            )
+            return False, f"saturated: {self._unacked} inputs unacknowledged; intake paused until one is answered"
         return True, "ready"
 
     def stop(self, timeout: float = 20.0) -> bool:
@@ -156,22 +158,22 @@ class Transport:
             props.SessionExpiryInterval = 0
         self.client.disconnect(properties=props)
         self.client.loop_stop()
+        self.answers.disconnect()
+        self.answers.loop_stop()
         return drained
 
     # ----------------------------------------------------------------- session
-    def _make_client(self) -> mqtt.Client:
+    def _make_client(self, client_id: str, *, intake: bool) -> mqtt.Client:
+        """The intake connection (persistent session, late acks, status) or the answers connection (clean)."""
         s = self.settings
         v5 = s.protocol == "5"
         client = _Client(
             mqtt.CallbackAPIVersion.VERSION2,
-            client_id=s.client_id,
+            client_id=client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else False,
+            clean_session=None if v5 else not intake,
         )
-        client.manual_ack_set(True)
         client.reconnect_delay_set(min_delay=max(1, round(s.reconnect_min_s)), max_delay=round(s.reconnect_max_s))
-        client.max_inflight_messages_set(s.max_inflight)  # our answers in flight to the broker
-        client.will_set(s.status_topic, "offline", qos=1, retain=True)
         if s.username:
             client.username_pw_set(s.username, s.password.get_secret_value() if s.password else None)
         if s.tls:
@@ -182,13 +184,20 @@ class Transport:
                 cert_reqs=ssl.CERT_REQUIRED,
             )
             client.tls_insecure_set(s.tls_insecure)
-        client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_publish = self._on_publish
-        client.on_subscribe = self._on_subscribe
         client.suppress_exceptions = True  # a bug in a callback must not end the MQTT loop
+        if intake:
+            client.manual_ack_set(True)
+            client.will_set(s.status_topic, "offline", qos=1, retain=True)
+            client.on_connect = self._on_connect
+            client.on_disconnect = self._on_disconnect
+            client.on_message = self._on_message
+            client.on_subscribe = self._on_subscribe
+        else:
+            client.max_inflight_messages_set(s.max_inflight)
+            client.on_connect = self._on_answers_connect
+            client.on_disconnect = self._on_answers_disconnect
+            client.on_publish = self._on_publish
         return client
 
     def _connection_failed(self, reason: str, detail: str) -> None:
@@ -224,9 +233,24 @@ class Transport:
             else:
                 _, mid = client.subscribe(topic, qos=route.settings.qos)
             self._subscriptions[mid] = topic
-        self._track(client.publish(s.status_topic, "online", qos=1, retain=True).mid, None)
+        client.publish(s.status_topic, "online", qos=1, retain=True)
         self._connected.set()
-        self.metrics.connected.set(1)
+        self.metrics.connected.set(int(self._answers_connected.is_set()))
+
+    def _on_answers_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            self._connection_failed("rejected", f"the broker refused the answers connection ({reason})")
+            return
+        self._answers_connected.set()
+        self.metrics.connected.set(int(self._connected.is_set()))
+
+    def _on_answers_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._answers_connected.clear()
+        self.metrics.connected.set(0)
+        if not self._draining:  # unanswered inputs stay unacknowledged; paho resends the answers on reconnect
+            self._warnings.log(
+                logging.WARNING, f"answers:{reason}", "answers connection lost (%s); reconnecting", reason
+            )
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list, props: Any) -> None:
         topic = self._subscriptions.pop(mid, "?")
@@ -259,7 +283,7 @@ class Transport:
 
     def _has_room(self, route: Route) -> bool:
         limit = route.max_pending
-        return self._working_total < self.settings.max_inflight and (
+        return self._unacked < self.settings.max_inflight and (
             limit is None or self._working.get(route.name, 0) < limit
         )
 
@@ -277,7 +301,6 @@ class Transport:
             if self._draining:
                 return  # not acknowledged: the broker keeps it for our next session
             self._unacked += 1
-            self._working_total += 1
             self._working[route.name] = self._working.get(route.name, 0) + 1
             self.metrics.inflight.set(self._unacked)
             generation = self._generation
@@ -310,7 +333,6 @@ class Transport:
             self._finish(inbound)
         delivery: Delivery = inbound.delivery
         with self._lock:
-            self._working_total -= 1
             self._working[delivery.route] -= 1
             self._room.notify()
 
@@ -320,7 +342,7 @@ class Transport:
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = answer.correlation
         try:
-            info = self.client.publish(answer.topic, answer.body, qos=answer.qos, properties=props)
+            info = self.answers.publish(answer.topic, answer.body, qos=answer.qos, properties=props)
         except (ValueError, TypeError) as exc:  # e.g. a response topic with wildcards: it can never be answered
             self._dropped(inbound, "bad_topic", f"cannot publish to {answer.topic!r} ({exc})")
             self._finish(inbound)
@@ -336,15 +358,14 @@ class Transport:
         self.metrics.answers_dropped.labels(inbound.delivery.route, reason).inc()
         self._warnings.log(logging.ERROR, f"drop:{reason}", "answer for %s not delivered: %s", inbound.topic, detail)
 
-    def _track(self, mid: int, inbound: Inbound | None) -> None:
-        """Remember which input an outgoing publish answers (None: a publish of our own, nothing to ack)."""
+    def _track(self, mid: int, inbound: Inbound) -> None:
+        """Remember which input an outgoing answer is for, unless its PUBACK came first."""
         with self._lock:
             if mid not in self._early_acks:
                 self._pending[mid] = inbound
                 return
             self._early_acks.discard(mid)
-        if inbound is not None:
-            self._finish(inbound)
+        self._finish(inbound)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         with self._lock:
@@ -352,8 +373,6 @@ class Transport:
                 self._early_acks.add(mid)
                 return
             inbound = self._pending.pop(mid)
-        if inbound is None:
-            return
         if getattr(reason, "is_failure", False):
             # MQTT 5: the broker refused our answer (not authorised...). Retrying cannot help and holding the input
             # would block flow control for good, so it is acknowledged, logged and counted.
@@ -374,5 +393,6 @@ class Transport:
         with self._lock:
             self._unacked -= 1
             self.metrics.inflight.set(self._unacked)
+            self._room.notify()
             if self._unacked == 0:
                 self._idle.notify_all()
