@@ -130,7 +130,7 @@ class Pipeline:
     def _load(self, route: Route) -> None:
         r = route.settings
         try:
-            bundle = load_bundle(r.model)
+            bundle = load_bundle(r.model, expect_digest=r.model_digest)
         except BundleError as exc:
             route.load_error = str(exc)
             log.error("route %s: %s; its messages get a model_unavailable error", route.name, exc)

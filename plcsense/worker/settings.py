@@ -99,6 +99,9 @@ class RouteSettings(_Section):
     """MQTT topic filter, ``+`` and ``#`` allowed."""
     model: Path
     """A bundle directory (relative paths resolve against the working directory, then the config file)."""
+    model_digest: str | None = Field(None, pattern=r"^sha256:[0-9a-f]{64}$")
+    """Pin the bundle: ``sha256:...`` as ``plcsense`` printed at export (``bundle.sha256``); any other bundle at
+    ``model``, or an edited one, is refused and the route answers ``model_unavailable``."""
     encoding: Literal["json", "npy", "image", "sparkplug"] = "json"
     """``sparkplug``: Sparkplug B protobuf; metrics map onto the model's channels by name (subscribe to the
     BIRTH topics too, e.g. ``spBv1.0/<group>/+/<edge node>/#``, so metrics sent by alias resolve)."""
@@ -122,6 +125,9 @@ class RouteSettings(_Section):
     Default: 4 x max_batch for image routes (decoded images are large), otherwise only ``mqtt.max_inflight``."""
     decode_threads: int = Field(2, ge=1, le=64)
     """Image routes: images decoded at once, off the MQTT network thread."""
+    max_image_pixels: int | None = Field(None, ge=1)
+    """Image routes: images declaring more pixels are refused (``image_too_large``) before decoding.
+    Default: 64 x the model's input, at least 4096 x 4096."""
 
     @field_validator("topic")
     @classmethod

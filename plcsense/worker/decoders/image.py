@@ -14,4 +14,4 @@ class ImageDecoder(Decoder):
     def decode(self, topic: str, payload: bytes) -> Decoded:
         if not isinstance(self.spec, ImageSpec):
             raise InputError(ErrorCode.BAD_ENCODING, "route encoding is image but the model takes sensor windows")
-        return Decoded(decode_image(payload, self.spec))
+        return Decoded(decode_image(payload, self.spec, max_pixels=self.route.max_image_pixels))

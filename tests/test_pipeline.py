@@ -1,0 +1,159 @@
+"""The message path in-process (no broker), then worker paths against a real Mosquitto that had no test yet:
+QoS 0 routes, ``{route}`` templates, ``window_stride``, answers refused by the broker (ACL), shared groups,
+``/healthz`` and 404."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from plcsense.harness import start_broker
+from plcsense.models.bundle import bundle_digest
+from plcsense.worker.metrics import Metrics
+from plcsense.worker.pipeline import NOTHING_OWED, Answer, Inbound, Pipeline
+from plcsense.worker.settings import Settings
+from tests.conftest import WINDOW, Collector, mqtt_client, publish_all
+from tests.test_worker import readings, sensor_route, settled
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array, np.float32))
+    return buffer.getvalue()
+
+
+class Answers:
+    """The pipeline's ``on_answer``: what inference answered, in order."""
+
+    def __init__(self) -> None:
+        self.got: list[Answer] = []
+        self.arrived = threading.Condition()
+
+    def __call__(self, inbound: Inbound, answer: Answer) -> None:
+        with self.arrived:
+            self.got.append(answer)
+            self.arrived.notify_all()
+
+    def wait(self, n: int) -> list[dict]:
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: len(self.got) >= n, 10)
+        return [json.loads(a.body) for a in self.got]
+
+
+def pipeline_for(route: dict) -> tuple[Pipeline, Answers]:
+    answers = Answers()
+    pipeline = Pipeline(Settings(routes=[route]), Metrics(), answers)
+    pipeline.load_models()
+    return pipeline, answers
+
+
+def inbound(pipeline: Pipeline, topic: str, payload: bytes) -> Inbound:
+    return Inbound(topic, payload, route=pipeline.route_for(topic))
+
+
+def test_pipeline_outcomes_without_a_broker(sensor_bundle):
+    pipeline, answers = pipeline_for(sensor_route(sensor_bundle))
+    try:
+        rows = readings(WINDOW)
+        for row in rows[:-1]:  # filling the window: nothing owed yet
+            assert pipeline.handle(inbound(pipeline, "plant/d1/pump", json.dumps(row).encode())) is NOTHING_OWED
+        last = json.dumps({"id": "full", "data": rows[-1]}).encode()
+        assert pipeline.handle(inbound(pipeline, "plant/d1/pump", last)) is None  # on to inference
+        [result] = answers.wait(1)
+        assert result["id"] == "full" and result["task"] == "anomaly" and answers.got[0].topic == "plant/d1/pump/result"
+
+        bad = pipeline.handle(inbound(pipeline, "plant/d1/pump", b"[1, 2"))
+        assert isinstance(bad, Answer) and bad.topic == "plant/d1/pump/error"
+        assert json.loads(bad.body)["error"] == "invalid_json"
+        assert pipeline.route_for("plant/d1/pump/result") is None  # our own answer, not an input
+        assert pipeline.route_for("plcsense/other/status") is None
+    finally:
+        pipeline.close()
+
+
+def test_pinned_digest_refuses_another_bundle(sensor_bundle, image_bundle):
+    pinned = bundle_digest(sensor_bundle)
+    good, _ = pipeline_for(sensor_route(sensor_bundle, model_digest=pinned))
+    assert good.broken_routes == []
+    good.close()
+    wrong, _ = pipeline_for({**sensor_route(image_bundle, model_digest=pinned), "encoding": "image"})
+    assert wrong.broken_routes and "pinned" in wrong.broken_routes[0]
+    answer = wrong.handle(inbound(wrong, "plant/d1/pump", b"x"))
+    assert isinstance(answer, Answer) and json.loads(answer.body)["error"] == "model_unavailable"
+
+
+# ----------------------------------------------------------------------------- through a real broker
+def test_qos0_route_and_route_templates(broker, sensor_bundle, run_worker, collectors):
+    route = sensor_route(
+        sensor_bundle, encoding="npy", qos=0, result_topic="results/{route}", error_topic="errors/{route}"
+    )
+    worker = run_worker(broker, [route])
+    out = Collector(broker, "#")
+    collectors.append(out)
+    client = mqtt_client(broker)
+    client.publish("plant/d1/pump", npy(readings(WINDOW)), qos=0).wait_for_publish(5)
+    client.publish("plant/d1/pump", b"not npy", qos=0).wait_for_publish(5)
+    assert out.wait(1, "errors/pump")
+    assert [m.qos for m in out.wait(1, "results/pump")] == [0]
+    assert settled(worker) == 0
+
+
+def test_window_stride_through_the_worker(broker, sensor_bundle, run_worker, collectors):
+    run_worker(broker, [sensor_route(sensor_bundle, window_stride=5)])
+    out = Collector(broker, "plant/+/pump/result")
+    collectors.append(out)
+    rows = readings(WINDOW + 20)
+    publish_all(broker, "plant/d1/pump", [json.dumps({"id": i, "data": r}) for i, r in enumerate(rows)])
+    last = str(len(rows) - 1)
+    assert out.wait_for_ids([last])
+    assert [r["id"] for r in out.json()] == [str(i) for i in range(WINDOW - 1, len(rows), 5)]
+
+
+@pytest.fixture
+def acl_broker(tmp_path: Path):
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite plant/#\ntopic readwrite plcsense/#\ntopic read denied/#\n")
+    b = start_broker(tmp_path / "broker", extra_conf=[f"acl_file {acl}"])
+    yield b
+    b.stop()
+
+
+def test_refused_answer_is_counted_and_its_input_released(acl_broker, sensor_bundle, run_worker, collectors):
+    route = sensor_route(sensor_bundle, encoding="npy", result_topic="denied/{topic}")
+    worker = run_worker(
+        acl_broker, [route, {**sensor_route(sensor_bundle, encoding="npy"), "name": "ok", "topic": "plant/+/ok"}]
+    )
+    out = Collector(acl_broker, "plant/#")
+    collectors.append(out)
+    publish_all(acl_broker, "plant/d1/pump", [npy(readings(WINDOW))])
+    publish_all(acl_broker, "plant/d1/ok", [npy(readings(WINDOW))])  # a sentinel on an allowed route
+    assert out.wait(1, "ok/result")
+    assert worker.metric("plcsense_answers_dropped_total", route="pump", reason="refused") == 1
+    assert settled(worker) == 0
+
+
+def test_shared_group_splits_the_load_between_two_workers(broker, sensor_bundle, run_worker, collectors):
+    route = sensor_route(sensor_bundle, encoding="npy")
+    workers = [run_worker(broker, [route], client_id=f"member{i}", shared_group="pumps") for i in range(2)]
+    out = Collector(broker, "plant/+/pump/result")
+    collectors.append(out)
+    window = readings(WINDOW)
+    payloads = [npy(np.asarray(window) + i * 1e-3) for i in range(200)]
+    publish_all(broker, "plant/d1/pump", payloads)
+    assert len(out.wait(200)) >= 200
+    taken = [w.metric("plcsense_messages_total", route="pump") for w in workers]
+    assert sum(taken) == 200 and all(taken), taken
+
+
+def test_healthz_and_unknown_paths(broker, sensor_bundle, run_worker):
+    worker = run_worker(broker, [sensor_route(sensor_bundle)])
+    assert worker.get("/healthz") == (200, "ok\n")
+    status, body = worker.get("/nope")
+    assert status == 404 and "/metrics" in body
+    status, text = worker.get("/metrics")
+    assert status == 200 and "plcsense_build_info" in text and "process_resident_memory_bytes" in text
