@@ -274,7 +274,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train, serve and replay real data on this machine")
     demo.set_defaults(func=_demo)
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of the worker config or of a bundle manifest")
+    schema.add_argument("which", choices=["config", "manifest"])
+    schema.set_defaults(func=_schema)
     return parser
+
+
+def _schema(args: argparse.Namespace) -> int:
+    """JSON Schema with every field's documentation, for editors (YAML language server) and reviews."""
+    if args.which == "config":
+        from plcsense.worker.settings import Settings as model
+    else:
+        from plcsense.models.bundle import Manifest as model
+    print(json.dumps(model.model_json_schema(), indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,13 @@ def test_serve_with_invalid_settings_exits_2_with_a_clear_message(tmp_path):
         timeout=60,
     )
     assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+@pytest.mark.parametrize(("which", "field"), [("config", "MqttSettings"), ("manifest", "SensorSpec")])
+def test_schema_carries_field_docs(which, field, capsys):
+    from plcsense.cli import main
+
+    assert main(["schema", which]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    described = [p for p in schema["$defs"][field]["properties"].values() if p.get("description")]
+    assert described, f"{field} fields have no descriptions"

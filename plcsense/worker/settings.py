@@ -16,7 +16,7 @@ from pydantic_settings import (
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class MqttSettings(_Section):
@@ -151,7 +151,9 @@ class RouteSettings(_Section):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PLCSENSE_", env_nested_delimiter="__", extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="PLCSENSE_", env_nested_delimiter="__", extra="forbid", use_attribute_docstrings=True
+    )
 
     mqtt: MqttSettings = MqttSettings()
     metrics: MetricsSettings = MetricsSettings()
