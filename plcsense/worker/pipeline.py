@@ -158,7 +158,15 @@ class Pipeline:
             route.decode_pool = ThreadPoolExecutor(r.decode_threads, thread_name_prefix=f"decode-{route.name}")
         route.batcher = MicroBatcher(route.name, self._run_batch, r.max_batch, r.max_wait_ms / 1000)
         self.metrics.model_info.labels(route.name, manifest.name, manifest.version).set(1)
-        log.info("route %s: %s v%s (%s) on %s", route.name, manifest.name, manifest.version, manifest.task, r.topic)
+        log.info(
+            "route %s: %s v%s (%s, %s) on %s",
+            route.name,
+            manifest.name,
+            manifest.version,
+            manifest.task,
+            bundle.digest,
+            r.topic,
+        )
 
     def close(self, timeout: float = 5.0) -> None:
         for route in self.routes:
