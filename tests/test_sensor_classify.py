@@ -195,3 +195,44 @@ def test_cli_train_classify_and_evaluate_json(tmp_path):
         [*run, "evaluate", str(tmp_path / "b"), str(tmp_path / "test")], capture_output=True, text=True, timeout=120
     )
     assert "accuracy" in table.stdout and "confusion_matrix" not in table.stdout
+
+
+def test_ctrl_c_ends_training_and_exports_the_best_model_so_far(tmp_path):
+    """A real SIGINT a few seconds into an endless fit: the shared classifier run exports what it has."""
+    import logging
+    import signal
+    import threading
+
+    from plcsense.training.sensor_classify import SensorClassifyConfig, train_sensor_classifier
+
+    data = write_folder(tmp_path / "cycles", CLASSES, seed=0)
+    timers: list[threading.Timer] = []
+
+    class PressCtrlC(logging.Handler):
+        """Once the run has logged its splits (the model is built and fitted next), interrupt 3 s later."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if "classes (" in record.getMessage() and not timers:
+                timers.append(threading.Timer(3.0, signal.raise_signal, (signal.SIGINT,)))
+                timers[0].start()
+
+    handler = PressCtrlC()
+    logger = logging.getLogger("plcsense.training")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    cfg = SensorClassifyConfig(epochs=1_000_000, patience=1_000_000, batch_size=8, name="rig")
+    try:
+        bundle = train_sensor_classifier(data, tmp_path / "bundle", cfg)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped the training run instead of ending it")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        for timer in timers:
+            timer.cancel()
+    assert timers, "the run never logged its splits"
+    m = load_bundle(bundle.path).manifest
+    assert m.metrics["interrupted"] == 1.0 and 0 <= m.metrics["test_accuracy"] <= 1
+    assert m.labels == ["leak", "normal", "stuck"]
+    assert (bundle.path / "report" / "confusion_matrix.json").is_file()

@@ -13,16 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import keras
 import numpy as np
 from PIL import Image
 
-from plcsense.models.bundle import Bundle, ImageSpec, Quantize, new_manifest
-from plcsense.models.runtime import predict_all
+from plcsense.models.backbones import augmentation, classifier, default_image_size, unfreeze_top
+from plcsense.models.bundle import Bundle, ImageSpec
+from plcsense.training.classifier import ClassifierConfig, ClassifierRun, Schedule, Splits
 from plcsense.training.data import IMAGE_SUFFIXES, DataError, ImageSet, class_folders, load_image_folder
-from plcsense.training.evaluate import classification_scores
-from plcsense.training.export import Quantization, check_output_dir, export_bundle
-from plcsense.training.fitting import fit_keeping_best
-from plcsense.training.splits import balanced_class_weights, split_indices
+from plcsense.training.export import check_output_dir
+from plcsense.training.splits import split_indices
 
 log = logging.getLogger("plcsense.training")
 
@@ -57,33 +57,21 @@ class Augment:
 
 
 @dataclass
-class ImageTrainConfig:
+class ImageTrainConfig(ClassifierConfig):
     arch: str = "mobilenet_v2"
     weights: str | None = "imagenet"
     """``imagenet`` (Keras download), None (random init) or a local ``.h5`` path."""
     image_size: int | None = None
     """Default: the architecture's native size (224, 299 for Inception), 128 for the scratch CNN."""
     color_mode: Literal["auto", "grayscale", "rgb"] = "auto"
-    epochs: int = 30
     fine_tune_epochs: int = 10
     fine_tune_layers: int = 30
-    batch_size: int = 32
-    learning_rate: float = 1e-3
     fine_tune_learning_rate: float = 1e-5
-    seed: int = 42
-    val_split: float = 0.15
-    test_split: float = 0.15
     patience: int | None = None
     """Epochs without validation improvement before stopping; default 5, 12 for the scratch CNN, whose
     validation loss wanders more from epoch to epoch under augmentation."""
     augment: Augment | None = field(default_factory=Augment)
     """Use ``Augment.parse("auto", arch)`` for the defaults the CLI applies."""
-    class_weights: bool = True
-    tensorboard: Path | None = None
-    quantize: Quantize = "none"
-    min_agreement: float = 0.98
-    name: str | None = None
-    version: str = "1"
 
 
 def detect_color_mode(root: Path) -> str:
@@ -97,14 +85,6 @@ def detect_color_mode(root: Path) -> str:
             except OSError:
                 continue
     return "grayscale"
-
-
-@dataclass
-class Splits:
-    classes: list[str]
-    train: tuple[np.ndarray, np.ndarray]
-    val: tuple[np.ndarray, np.ndarray]
-    test: tuple[np.ndarray, np.ndarray]
 
 
 def load_splits(data_dir: Path, spec: ImageSpec, cfg: ImageTrainConfig) -> Splits:
@@ -131,16 +111,10 @@ def load_splits(data_dir: Path, spec: ImageSpec, cfg: ImageTrainConfig) -> Split
 
         return Splits(train.classes, (train.images[tr], train.labels[tr]), part("val"), part("test"))
     data: ImageSet = load_image_folder(data_dir, spec)
-    tr, va, te = split_indices(data.labels, cfg.val_split, cfg.test_split, cfg.seed)
-    return Splits(data.classes, *((data.images[i], data.labels[i]) for i in (tr, va, te)))
+    return Splits.seeded(data.images, data.labels, data.classes, cfg)
 
 
 def train_images(data_dir: Path, out: Path, cfg: ImageTrainConfig) -> Bundle:
-    import keras
-
-    from plcsense.models.backbones import augmentation, classifier, default_image_size, unfreeze_top
-    from plcsense.training.report import classification_report_files
-
     check_output_dir(out)
     size = cfg.image_size or default_image_size(cfg.arch)
     if cfg.arch != "scratch":
@@ -150,24 +124,10 @@ def train_images(data_dir: Path, out: Path, cfg: ImageTrainConfig) -> Bundle:
         mode = mode if cfg.color_mode == "auto" else cfg.color_mode
     spec = ImageSpec(height=size, width=size, channels=1 if mode == "grayscale" else 3, color_mode=mode)
     splits = load_splits(data_dir, spec, cfg)
-    if len(splits.classes) < 2:
-        raise DataError(f"{data_dir} has one class folder ({splits.classes[0]}); a classifier needs at least two")
-    if not len(splits.val[1]):
-        raise DataError("no validation images; raise --val-split or add a val/ folder")
-    log.info(
-        "%d classes (%s), %s %dx%d; %d train / %d val / %d test images; %s",
-        len(splits.classes),
-        ", ".join(splits.classes),
-        mode,
-        size,
-        size,
-        len(splits.train[1]),
-        len(splits.val[1]),
-        len(splits.test[1]),
-        cfg.arch,
-    )
+    patience = cfg.patience or (12 if cfg.arch == "scratch" else 5)
+    schedule = Schedule(patience=patience, lr_factor=0.3, lr_patience=max(1, patience // 2), min_lr=1e-7)
+    run = ClassifierRun(data_dir, cfg, splits, schedule, describe=f"{mode} {size}x{size} images, {cfg.arch}")
 
-    keras.utils.set_random_seed(cfg.seed)
     weights = None if cfg.weights in (None, "none") else cfg.weights
     net = classifier(cfg.arch, spec.shape, len(splits.classes), weights=weights)
     trainer = net.model
@@ -175,41 +135,10 @@ def train_images(data_dir: Path, out: Path, cfg: ImageTrainConfig) -> Bundle:
         aug = augmentation(**vars(cfg.augment), seed=cfg.seed)
         inputs = keras.Input(spec.shape)
         trainer = keras.Model(inputs, net.model(aug(inputs)))
-    class_weight = balanced_class_weights(splits.train[1], len(splits.classes)) if cfg.class_weights else None
 
-    patience = cfg.patience or (12 if cfg.arch == "scratch" else 5)
-
-    def callbacks() -> list:
-        cbs = [
-            keras.callbacks.EarlyStopping(patience=patience, restore_best_weights=True),
-            keras.callbacks.ReduceLROnPlateau(factor=0.3, patience=max(1, patience // 2), min_lr=1e-7),
-        ]
-        if cfg.tensorboard:
-            cbs.append(keras.callbacks.TensorBoard(log_dir=str(cfg.tensorboard)))
-        return cbs
-
-    def compile_(model: keras.Model, learning_rate: float) -> keras.Model:
-        model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
-        )
-        return model
-
-    def fit(model: keras.Model, train: tuple, val: tuple, epochs: int) -> dict[str, list[float]]:
-        return fit_keeping_best(
-            model,
-            train,
-            val,
-            epochs=epochs,
-            batch_size=cfg.batch_size,
-            callbacks=callbacks(),
-            class_weight=class_weight,
-        )
-
-    history: dict[str, list[float]] = {}
-    interrupted = False
-    try:
+    with run.interruptible():
         if net.backbone is None:
-            history = fit(compile_(trainer, cfg.learning_rate), splits.train, splits.val, cfg.epochs)
+            run.fit(run.compile(trainer, cfg.learning_rate), splits.train, splits.val, cfg.epochs)
         else:
             # Phase 1, the head on the frozen backbone: its features are computed once and cached, which makes
             # this phase seconds instead of minutes on a CPU (augmentation waits for phase 2 for that reason).
@@ -219,9 +148,9 @@ def train_images(data_dir: Path, out: Path, cfg: ImageTrainConfig) -> Bundle:
                 splits.train[1],
             )
             cached_val = (net.features.predict(splits.val[0], batch_size=cfg.batch_size, verbose=0), splits.val[1])
-            history = fit(compile_(net.head, cfg.learning_rate), cached_train, cached_val, cfg.epochs)
+            head = run.fit(run.compile(net.head, cfg.learning_rate), cached_train, cached_val, cfg.epochs)
             if cfg.fine_tune_layers > 0 and cfg.fine_tune_epochs > 0:
-                best_head = (min(history["val_loss"]), net.model.get_weights())
+                best_head = (min(head["val_loss"]), net.model.get_weights())
                 unfrozen = unfreeze_top(net.backbone, cfg.fine_tune_layers)
                 log.info(
                     "phase 2: fine-tuning the top %d layers of %s (%d trainable, BatchNorm frozen) at lr %g",
@@ -230,46 +159,10 @@ def train_images(data_dir: Path, out: Path, cfg: ImageTrainConfig) -> Bundle:
                     unfrozen,
                     cfg.fine_tune_learning_rate,
                 )
-                tuned = fit(
-                    compile_(trainer, cfg.fine_tune_learning_rate), splits.train, splits.val, cfg.fine_tune_epochs
+                tuned = run.fit(
+                    run.compile(trainer, cfg.fine_tune_learning_rate), splits.train, splits.val, cfg.fine_tune_epochs
                 )
-                boundary = len(history["loss"])
-                history = {k: history[k] + tuned.get(k, []) for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
-                history["phase_boundary"] = [boundary]
                 if min(tuned["val_loss"]) > best_head[0]:
                     log.info("fine-tuning did not beat the head alone on validation loss; keeping the head weights")
                     net.model.set_weights(best_head[1])
-    except KeyboardInterrupt:
-        interrupted = True
-
-    manifest = new_manifest(
-        name=cfg.name or data_dir.resolve().name,
-        version=cfg.version,
-        task="classification",
-        input=spec,
-        labels=splits.classes,
-    )
-    held_out = splits.test if len(splits.test[1]) else splits.val
-    manifest.metrics.update(
-        {"train_samples": len(splits.train[1]), "val_samples": len(splits.val[1]), "test_samples": len(splits.test[1])}
-    )
-    if interrupted:
-        manifest.metrics["interrupted"] = 1.0
-
-    def score(lite) -> dict[str, float]:
-        scores = classification_scores(predict_all(lite, held_out[0]), held_out[1])
-        return {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"]}
-
-    def report(lite, folder: Path) -> None:
-        probabilities = predict_all(lite, held_out[0])
-        classification_report_files(
-            folder,
-            probabilities,
-            held_out[1],
-            splits.classes,
-            images=held_out[0],
-            history={k: [float(v) for v in vs] for k, vs in history.items()},
-        )
-
-    quantization = Quantization(cfg.quantize, splits.train[0], cfg.min_agreement)
-    return export_bundle(out, net.model, manifest, held_out[0], score, quantization=quantization, report=report)
+    return run.export(out, net.model, spec, show_misclassified=True)

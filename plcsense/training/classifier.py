@@ -1,0 +1,221 @@
+"""The classifier-training skeleton both classifiers (images, sensor cycles) share.
+
+A trainer loads its data into :class:`Splits`, builds its Keras model and runs its fitting phases through a
+:class:`ClassifierRun`; everything else happens here, once: the checks on the splits, balanced class weights,
+early stopping with the best weights restored and learning-rate decay on plateaus (plus TensorBoard logs),
+Ctrl-C ending training with the best weights so far, the training curves across phases, the manifest, the
+test figures and ``report/`` measured with the exported LiteRT model, and the (quantised) export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from plcsense.models.bundle import Bundle, InputSpec, Quantize, new_manifest
+from plcsense.models.runtime import LiteRTModel, predict_all
+from plcsense.training.data import DataError
+from plcsense.training.evaluate import classification_scores
+from plcsense.training.export import Quantization, export_bundle
+from plcsense.training.report import classification_report_files
+from plcsense.training.splits import balanced_class_weights, split_indices
+
+log = logging.getLogger("plcsense.training")
+
+CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+@dataclass
+class ClassifierConfig:
+    """What every classifier trainer takes; each trainer's config adds its own fields and defaults."""
+
+    epochs: int = 30
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    seed: int = 42
+    val_split: float = 0.15
+    test_split: float = 0.15
+    class_weights: bool = True
+    """Weight the loss by inverse class frequency so a rare class is not drowned by the common one."""
+    tensorboard: Path | None = None
+    quantize: Quantize = "none"
+    """Exported model: float32 (none), float16 weights, or full int8 (refused if top-1 agreement is too low)."""
+    min_agreement: float = 0.98
+    name: str | None = None
+    version: str = "1"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When a fitting phase stops and how its learning rate decays, both on validation loss."""
+
+    patience: int
+    """Epochs without a better validation loss before the phase stops (its best weights are kept)."""
+    lr_factor: float
+    lr_patience: int
+    min_lr: float
+
+
+@dataclass
+class Splits:
+    """Inputs and integer labels of the training, validation and test parts; ``classes`` names the labels."""
+
+    classes: list[str]
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray]
+
+    @classmethod
+    def seeded(cls, inputs: np.ndarray, labels: np.ndarray, classes: list[str], cfg: ClassifierConfig) -> Splits:
+        """A seeded, stratified split of one labelled set by ``cfg.val_split`` and ``cfg.test_split``."""
+        parts = split_indices(labels, cfg.val_split, cfg.test_split, cfg.seed)
+        return cls(classes, *((inputs[i], labels[i]) for i in parts))
+
+    @property
+    def held_out(self) -> tuple[np.ndarray, np.ndarray]:
+        """The part the exported model is scored on: the test part, or the validation part when there is none."""
+        return self.test if len(self.test[1]) else self.val
+
+
+class ClassifierRun:
+    """One training run of a classifier on ``splits``, from the first fitting phase to the exported bundle."""
+
+    def __init__(
+        self, data_dir: Path, cfg: ClassifierConfig, splits: Splits, schedule: Schedule, *, describe: str
+    ) -> None:
+        """Check the splits, log them (``describe`` says what a sample is) and seed Keras for the model to build."""
+        if len(splits.classes) < 2:
+            raise DataError(f"{data_dir} has one class folder ({splits.classes[0]}); a classifier needs at least two")
+        n_train, n_val, n_test = (len(part[1]) for part in (splits.train, splits.val, splits.test))
+        if not n_train or not n_val:
+            raise DataError(
+                f"{data_dir}: {n_train} training and {n_val} validation samples; a classifier needs both: add "
+                "samples, raise --val-split or add a val/ folder"
+            )
+        labels = np.concatenate([splits.train[1], splits.val[1], splits.test[1]])
+        counts = np.bincount(labels, minlength=len(splits.classes))
+        log.info(
+            "%d classes (%s); %d train / %d val / %d test samples of %s",
+            len(splits.classes),
+            ", ".join(f"{c} {n}" for c, n in zip(splits.classes, counts, strict=True)),
+            n_train,
+            n_val,
+            n_test,
+            describe,
+        )
+        self.data_dir, self.cfg, self.splits, self.schedule = data_dir, cfg, splits, schedule
+        self.class_weight = balanced_class_weights(splits.train[1], len(splits.classes)) if cfg.class_weights else None
+        self.history: dict[str, list[float]] = {}
+        """Training curves of every phase so far, one after the other; ``phase_boundary`` marks where a later
+        phase starts."""
+        self.interrupted = False
+        keras.utils.set_random_seed(cfg.seed)
+
+    def compile(self, model: keras.Model, learning_rate: float) -> keras.Model:
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+        )
+        return model
+
+    def fit(
+        self,
+        model: keras.Model,
+        train: tuple[np.ndarray, np.ndarray],
+        val: tuple[np.ndarray, np.ndarray],
+        epochs: int,
+    ) -> dict[str, list[float]]:
+        """One fitting phase; returns its curves. Ctrl-C restores the best weights seen, then re-raises."""
+        s = self.schedule
+        early = keras.callbacks.EarlyStopping(patience=s.patience, restore_best_weights=True)
+        history = keras.callbacks.History()
+        callbacks = [
+            early,
+            keras.callbacks.ReduceLROnPlateau(factor=s.lr_factor, patience=s.lr_patience, min_lr=s.min_lr),
+            history,
+        ]
+        if self.cfg.tensorboard:
+            callbacks.append(keras.callbacks.TensorBoard(log_dir=str(self.cfg.tensorboard)))
+        try:
+            model.fit(
+                train[0],
+                train[1],
+                validation_data=val,
+                epochs=epochs,
+                batch_size=self.cfg.batch_size,
+                callbacks=callbacks,
+                class_weight=self.class_weight,
+                verbose=1 if sys.stdout.isatty() else 2,
+            )
+        except KeyboardInterrupt:
+            if early.best_weights is not None:
+                model.set_weights(early.best_weights)
+            log.warning("training interrupted: exporting the best model so far")
+            raise
+        finally:
+            phase = {k: [float(v) for v in vs] for k, vs in history.history.items() if k != "learning_rate"}
+            self._record(phase)
+        return phase
+
+    def _record(self, phase: dict[str, list[float]]) -> None:
+        if not self.history:
+            self.history = dict(phase)
+            return
+        boundary = len(self.history["loss"])
+        self.history = {k: self.history.get(k, []) + phase.get(k, []) for k in CURVES}
+        self.history["phase_boundary"] = [float(boundary)]
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Run the fitting phases inside: Ctrl-C ends training, and the run goes on to export what it has."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.interrupted = True
+
+    def export(self, out: Path, model: keras.Model, spec: InputSpec, *, show_misclassified: bool = False) -> Bundle:
+        """Export ``model`` with its manifest; test figures and ``report/`` come from the LiteRT model.
+
+        ``show_misclassified``: the held-out inputs are pictures, drawn in ``report/misclassified.png``.
+        """
+        cfg, splits = self.cfg, self.splits
+        manifest = new_manifest(
+            name=cfg.name or self.data_dir.resolve().name,
+            version=cfg.version,
+            task="classification",
+            input=spec,
+            labels=splits.classes,
+        )
+        manifest.metrics.update(
+            {
+                "train_samples": len(splits.train[1]),
+                "val_samples": len(splits.val[1]),
+                "test_samples": len(splits.test[1]),
+            }
+        )
+        if self.interrupted:
+            manifest.metrics["interrupted"] = 1.0
+        inputs, labels = splits.held_out
+
+        def score(lite: LiteRTModel) -> dict[str, float]:
+            scores = classification_scores(predict_all(lite, inputs), labels)
+            return {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"]}
+
+        def report(lite: LiteRTModel, folder: Path) -> None:
+            classification_report_files(
+                folder,
+                predict_all(lite, inputs),
+                labels,
+                splits.classes,
+                images=inputs if show_misclassified else None,
+                history=self.history,
+            )
+
+        quantization = Quantization(cfg.quantize, splits.train[0], cfg.min_agreement)
+        return export_bundle(out, model, manifest, inputs, score, quantization=quantization, report=report)
