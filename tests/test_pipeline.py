@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from plcsense.harness import start_broker
 from plcsense.models.bundle import bundle_digest
@@ -138,7 +139,7 @@ def test_refused_answer_is_counted_and_its_input_released(acl_broker, sensor_bun
 
 
 def test_shared_group_splits_the_load_between_two_workers(broker, sensor_bundle, run_worker, collectors):
-    route = sensor_route(sensor_bundle, encoding="npy")
+    route = sensor_route(sensor_bundle, encoding="npy", full_windows=True)
     workers = [run_worker(broker, [route], client_id=f"member{i}", shared_group="pumps") for i in range(2)]
     out = Collector(broker, "plant/+/pump/result")
     collectors.append(out)
@@ -157,3 +158,33 @@ def test_healthz_and_unknown_paths(broker, sensor_bundle, run_worker):
     assert status == 404 and "/metrics" in body
     status, text = worker.get("/metrics")
     assert status == 200 and "plcsense_build_info" in text and "process_resident_memory_bytes" in text
+
+
+def test_shared_group_refuses_a_windowed_route_unless_it_takes_whole_windows(sensor_bundle):
+    shared = {"shared_group": "pumps"}
+    windowed = Pipeline(Settings(mqtt=shared, routes=[sensor_route(sensor_bundle)]), Metrics(), Answers())
+    windowed.load_models()
+    assert windowed.broken_routes and "shared_group" in windowed.broken_routes[0]
+
+    whole = Pipeline(
+        Settings(mqtt=shared, routes=[sensor_route(sensor_bundle, full_windows=True)]), Metrics(), Answers()
+    )
+    whole.load_models()
+    try:
+        assert whole.broken_routes == []
+        single = whole.handle(inbound(whole, "plant/d1/pump", json.dumps(readings(1)[0]).encode()))
+        assert isinstance(single, Answer) and json.loads(single.body)["error"] == "bad_shape"
+    finally:
+        whole.close()
+
+
+def test_json_logs(broker, sensor_bundle, run_worker, collectors):
+    worker = run_worker(broker, [sensor_route(sensor_bundle)], start=False)
+    worker.config.write_text(json.dumps({**yaml.safe_load(worker.config.read_text()), "log_format": "json"}))
+    worker.start()
+    out = Collector(broker, "plant/#")
+    collectors.append(out)
+    publish_all(broker, "plant/d1/pump", [b"[1, 2"])
+    assert out.wait(1, "/error")
+    records = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
+    assert any(r["level"] == "WARNING" and "invalid_json" in r["message"] for r in records), worker.log()

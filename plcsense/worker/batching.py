@@ -27,6 +27,10 @@ class MicroBatcher(Generic[Item]):
         self._thread = threading.Thread(target=self._run, name=f"batch-{name}", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def submit(self, item: Item) -> None:
         self._queue.put(item)
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -15,6 +17,23 @@ from plcsense.worker.service import Worker
 from plcsense.worker.settings import Settings, load_settings
 
 log = logging.getLogger("plcsense.worker")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; the standard library has none and this is all a log shipper needs."""
+
+    converter = time.gmtime
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
 
 
 def _explain(exc: ValidationError) -> str:
@@ -47,8 +66,12 @@ def serve(config: Path | None) -> int:
     settings = read_settings(config)
     if settings is None:
         return 2
-    if logging.getLogger().level != logging.DEBUG:  # plcsense -v wins over the file's log_level
-        logging.getLogger().setLevel(settings.log_level)
+    root = logging.getLogger()
+    if root.level != logging.DEBUG:  # plcsense -v wins over the file's log_level
+        root.setLevel(settings.log_level)
+    if settings.log_format == "json":
+        for handler in root.handlers:
+            handler.setFormatter(JsonFormatter())
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

@@ -92,8 +92,14 @@ class Metrics:
         )
 
 
-def serve_http(host: str, port: int, metrics: Metrics, ready: Callable[[], tuple[bool, str]]) -> ThreadingHTTPServer:
-    """Start the HTTP server on a daemon thread; ``ready`` returns (ready, reason).
+def serve_http(
+    host: str,
+    port: int,
+    metrics: Metrics,
+    ready: Callable[[], tuple[bool, str]],
+    healthy: Callable[[], tuple[bool, str]],
+) -> ThreadingHTTPServer:
+    """Start the HTTP server on a daemon thread; ``ready`` and ``healthy`` return (ok, reason).
 
     /metrics is client_python's own handler (content negotiation for OpenMetrics, gzip).
     """
@@ -106,7 +112,8 @@ def serve_http(host: str, port: int, metrics: Metrics, ready: Callable[[], tuple
             if path == "/metrics":
                 super().do_GET()
             elif path == "/healthz":
-                self._reply(200, b"ok\n")
+                ok, reason = healthy()
+                self._reply(200 if ok else 503, (reason + "\n").encode())
             elif path == "/readyz":
                 ok, reason = ready()
                 self._reply(200 if ok else 503, (reason + "\n").encode())

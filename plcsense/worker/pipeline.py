@@ -143,6 +143,15 @@ class Pipeline:
             )
             log.error("route %s: %s", route.name, route.load_error)
             return
+        if self.settings.mqtt.shared_group and spec.kind == "sensor" and spec.window > 1 and not r.full_windows:
+            route.load_error = (
+                f"mqtt.shared_group {self.settings.mqtt.shared_group!r} would split each device's readings between "
+                "workers, so sliding windows would skip readings and score wrong; give this route workers of its own "
+                "without shared_group (split devices by topic filter), or set full_windows: true if every message "
+                "carries a whole window"
+            )
+            log.error("route %s: %s", route.name, route.load_error)
+            return
         route.bundle = bundle
         route.decoder = make_decoder(manifest, r)
         if spec.kind == "sensor":
@@ -249,6 +258,9 @@ class Pipeline:
         inbound.decoded = decoded
         if decoded.is_reading:
             assert route.windows is not None
+            if route.settings.full_windows:
+                shape = list(route.bundle.manifest.input.shape)  # type: ignore[union-attr]
+                raise InputError(ErrorCode.BAD_SHAPE, f"route takes whole windows of shape {shape} (full_windows)")
             pushed = route.windows.push(decoded.device or inbound.topic, decoded.array, reading_time(decoded.ts))
             self.metrics.windows.labels(route.name).set(len(route.windows))
             if pushed.gap_s is not None:

@@ -31,11 +31,18 @@ class Worker:
             return False, "models not loaded: " + "; ".join(broken)
         return self.transport.ready()
 
+    def healthy(self) -> tuple[bool, str]:
+        """Liveness: fails when the message path is stuck, so the orchestrator restarts the process."""
+        dead = [r.name for r in self.pipeline.routes if r.batcher is not None and not r.batcher.alive]
+        if dead:
+            return False, "inference thread ended for routes " + ", ".join(dead)
+        return self.transport.healthy()
+
     def start(self) -> None:
         self.pipeline.load_models()
         m = self.settings.metrics
         if m.port:
-            self._http = serve_http(m.host, m.port, self.metrics, self.ready)
+            self._http = serve_http(m.host, m.port, self.metrics, self.ready, self.healthy)
             log.info("metrics on http://%s:%d/metrics", m.host, m.port)
         self.transport.start()
 

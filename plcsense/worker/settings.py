@@ -123,6 +123,9 @@ class RouteSettings(_Section):
     max_pending: int | None = Field(None, ge=1)
     """Inputs of this route received and not yet answered; when reached, intake waits (nothing is dropped).
     Default: 4 x max_batch for image routes (decoded images are large), otherwise only ``mqtt.max_inflight``."""
+    full_windows: bool = False
+    """Sensor routes: every message carries a whole window, so the route keeps no per-device state and may be
+    shared between workers (``mqtt.shared_group``); single readings are refused with ``bad_shape``."""
     decode_threads: int = Field(2, ge=1, le=64)
     """Image routes: images decoded at once, off the MQTT network thread."""
     max_image_pixels: int | None = Field(None, ge=1)
@@ -159,6 +162,8 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     routes: list[RouteSettings] = Field(min_length=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    """``json``: one JSON object per line (time, level, logger, message), for Loki, Elasticsearch and the like."""
 
     @field_validator("routes")
     @classmethod

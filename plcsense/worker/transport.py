@@ -17,6 +17,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,9 @@ from plcsense.worker.quiet_log import RateLimitedLog
 from plcsense.worker.settings import MqttSettings
 
 log = logging.getLogger("plcsense.worker")
+
+STALL_S = 60.0
+"""Intake waiting this long without one answer means the message path is stuck: /healthz fails."""
 
 
 @dataclass(slots=True)
@@ -100,6 +104,7 @@ class Transport:
         self._early_acks: set[int] = set()  # PUBACKs that beat the bookkeeping after publish()
         self._draining = False
         self._saturated = False
+        self._stalled_since: float | None = None  # intake waiting for room, and no answer since
         self._connected = threading.Event()
         self._answers_connected = threading.Event()
         self._failure: str | None = None
@@ -136,6 +141,13 @@ class Transport:
         if self._saturated:
             return False, f"saturated: {self._unacked} inputs unacknowledged; intake paused until one is answered"
         return True, "ready"
+
+    def healthy(self) -> tuple[bool, str]:
+        """Not healthy when intake has waited for room for ``STALL_S`` without a single input being answered."""
+        since = self._stalled_since
+        if since is not None and time.monotonic() - since > STALL_S:
+            return False, f"no input answered for {time.monotonic() - since:.0f} s while {self._unacked} wait; stuck"
+        return True, "ok"
 
     def stop(self, timeout: float = 20.0) -> bool:
         """Stop taking messages, answer what is in flight, go offline. Returns False if the drain timed out."""
@@ -318,6 +330,10 @@ class Transport:
             self.settle(inbound, outcome)
 
     def _set_saturated(self, saturated: bool) -> None:
+        if saturated and self._stalled_since is None:
+            self._stalled_since = time.monotonic()
+        elif not saturated:
+            self._stalled_since = None
         if saturated != self._saturated:
             self._saturated = saturated
             self.metrics.saturated.set(int(saturated))
@@ -334,6 +350,8 @@ class Transport:
         delivery: Delivery = inbound.delivery
         with self._lock:
             self._working[delivery.route] -= 1
+            if self._stalled_since is not None:  # progress: the clock of a stall starts again
+                self._stalled_since = time.monotonic()
             self._room.notify()
 
     def _publish(self, inbound: Inbound, answer: Answer) -> None:
