@@ -16,66 +16,119 @@ from pathlib import Path
 ARCHS = ["scratch", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "inception_v3"]
 
 
-def _train(args: argparse.Namespace) -> int:
+# The `plcsense train` options each training reads. One it does not read is refused, not silently ignored;
+# --out, --name and --model-version apply to all of them.
+TRAIN_OPTIONS: dict[str, set[str]] = {
+    "train images": {
+        "arch", "weights", "image_size", "color_mode", "epochs", "fine_tune_epochs", "fine_tune_layers", "batch_size",
+        "learning_rate", "seed", "val_split", "test_split", "augment", "no_augment", "no_class_weights",
+        "tensorboard", "quantize", "min_agreement",
+    },
+    "train sensors --task classify": {
+        "task", "columns", "epochs", "batch_size", "learning_rate", "seed", "val_split", "test_split",
+        "no_class_weights", "tensorboard", "quantize", "min_agreement",
+    },
+    "train sensors --detector ar": {"task", "detector", "window", "columns", "label_column"},
+    "train sensors --detector autoencoder": {
+        "task", "detector", "window", "columns", "label_column", "epochs", "batch_size", "learning_rate", "seed",
+    },
+}  # fmt: skip
+
+
+def _training(args: argparse.Namespace) -> str:
     if args.kind == "images":
+        return "train images"
+    if args.task in ("classify", "classification"):
+        return "train sensors --task classify"
+    return f"train sensors --detector {args.detector or 'ar'}"
+
+
+def _train_usage_problem(args: argparse.Namespace) -> str | None:
+    """One line saying why these ``train`` arguments cannot be used as given, or None when they can."""
+    training = _training(args)
+    if training in ("train images", "train sensors --task classify") and len(args.data) > 1:
+        return "give one data folder (of class folders, or with train/ val/ test/)"
+    reads = TRAIN_OPTIONS[training]
+    every = set().union(*TRAIN_OPTIONS.values())
+    ignored = sorted(d for d in every - reads if getattr(args, d) not in (None, False))
+    if not ignored:
+        return None
+    flags = ", ".join("--" + d.replace("_", "-") for d in ignored)
+    takes = ", ".join("--" + d.replace("_", "-") for d in sorted(reads - {"task", "detector"}))
+    return f"{flags} {'does' if len(ignored) == 1 else 'do'} not apply to {training} (it takes {takes})"
+
+
+def _given(**fields: object) -> dict[str, object]:
+    """The config fields whose options were given; the configs keep their own defaults for the others."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def _train(args: argparse.Namespace) -> int:
+    common = _given(name=args.name, version=args.model_version)
+    columns = args.columns.split(",") if args.columns else None
+    tensorboard = Path(args.tensorboard) if args.tensorboard else None
+    class_weights = False if args.no_class_weights else None
+    training = _training(args)
+    if training == "train images":
         from plcsense.training.images import Augment, ImageTrainConfig, train_images
 
         cfg = ImageTrainConfig(
-            arch=args.arch,
-            weights=args.weights,
-            image_size=args.image_size,
-            color_mode=args.color_mode,
-            epochs=args.epochs,
-            fine_tune_epochs=args.fine_tune_epochs,
-            fine_tune_layers=args.fine_tune_layers,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            val_split=args.val_split,
-            test_split=args.test_split,
-            augment=Augment.parse("none" if args.no_augment else args.augment, args.arch),
-            class_weights=not args.no_class_weights,
-            tensorboard=Path(args.tensorboard) if args.tensorboard else None,
-            quantize=args.quantize,
-            min_agreement=args.min_agreement,
-            name=args.name,
-            version=args.model_version,
+            **common,
+            **_given(
+                arch=args.arch,
+                weights=args.weights,
+                image_size=args.image_size,
+                color_mode=args.color_mode,
+                epochs=args.epochs,
+                fine_tune_epochs=args.fine_tune_epochs,
+                fine_tune_layers=args.fine_tune_layers,
+                batch_size=args.batch_size,
+                learning_rate=args.learning_rate,
+                seed=args.seed,
+                val_split=args.val_split,
+                test_split=args.test_split,
+                class_weights=class_weights,
+                tensorboard=tensorboard,
+                quantize=args.quantize,
+                min_agreement=args.min_agreement,
+            ),
         )
-        if args.learning_rate:
-            cfg.learning_rate = args.learning_rate
+        cfg.augment = Augment.parse("none" if args.no_augment else args.augment or "auto", cfg.arch)
         bundle = train_images(Path(args.data[0]), Path(args.out), cfg)
-    elif args.task in ("classify", "classification"):
+    elif training == "train sensors --task classify":
         from plcsense.training.sensor_classify import SensorClassifyConfig, train_sensor_classifier
 
         cfg = SensorClassifyConfig(
-            columns=args.columns.split(",") if args.columns else None,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            val_split=args.val_split,
-            test_split=args.test_split,
-            tensorboard=Path(args.tensorboard) if args.tensorboard else None,
-            quantize=args.quantize,
-            min_agreement=args.min_agreement,
-            name=args.name,
-            version=args.model_version,
-            class_weights=not args.no_class_weights,
+            **common,
+            **_given(
+                columns=columns,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                learning_rate=args.learning_rate,
+                seed=args.seed,
+                val_split=args.val_split,
+                test_split=args.test_split,
+                class_weights=class_weights,
+                tensorboard=tensorboard,
+                quantize=args.quantize,
+                min_agreement=args.min_agreement,
+            ),
         )
-        if args.learning_rate:
-            cfg.learning_rate = args.learning_rate
         bundle = train_sensor_classifier(Path(args.data[0]), Path(args.out), cfg)
     else:
-        from plcsense.training.sensors import SensorTrainConfig, train_sensor_anomaly
+        from plcsense.training.detectors import ARSettings
+        from plcsense.training.sensors import AutoencoderSettings, SensorTrainConfig, train_sensor_anomaly
 
+        detector: ARSettings | AutoencoderSettings = ARSettings()
+        if args.detector == "autoencoder":
+            fit = _given(
+                epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed
+            )
+            detector = AutoencoderSettings(**fit)
         cfg = SensorTrainConfig(
-            detector=args.detector,
-            window=args.window,
-            columns=args.columns.split(",") if args.columns else None,
-            label_column=args.label_column,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            name=args.name,
-            version=args.model_version,
+            detector=detector,
+            **common,
+            **_given(window=args.window, columns=columns, label_column=args.label_column),
         )
         bundle = train_sensor_anomaly([Path(p) for p in args.data], Path(args.out), cfg)
     m = bundle.manifest
@@ -167,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    # Training options default to None: the configs hold the defaults, and an option that was given can be told
+    # apart from one that was not (a given option the chosen training ignores is refused).
     train = sub.add_parser("train", help="train a model and export a bundle")
     train.add_argument("kind", choices=["images", "sensors"])
     train.add_argument("data", nargs="+", help="images: a folder of class folders; sensors: CSV file(s)")
@@ -174,72 +229,64 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--task",
         choices=["anomaly", "classify", "classification"],
-        default=None,
         help="sensors: anomaly (default) or classify (DATA: a folder of class folders of CSVs, one per sample)",
     )
-    train.add_argument("--epochs", type=int, default=None)
-    train.add_argument("--batch-size", type=int, default=None)
-    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--epochs", type=int, help="default 30 for images, 150 for classify, 60 for the autoencoder")
+    train.add_argument("--batch-size", type=int, help="default 32, 64 for the autoencoder")
+    train.add_argument("--seed", type=int, help="default 42")
     train.add_argument("--name", help="model name in the manifest (default: from the data)")
-    train.add_argument("--model-version", default="1")
+    train.add_argument("--model-version", help="default 1")
     images = train.add_argument_group("images")
     images.add_argument(
         "--arch",
         choices=ARCHS,
-        default="mobilenet_v2",
         help="scratch CNN or an ImageNet backbone for transfer learning (default mobilenet_v2)",
     )
     images.add_argument(
         "--weights",
-        default="imagenet",
-        help="imagenet (Keras download and cache), none, or a local .h5 file (offline machines)",
+        help="imagenet (default: Keras download and cache), none, or a local .h5 file (offline machines)",
     )
     images.add_argument(
         "--fine-tune-layers",
         type=int,
-        default=30,
-        help="top backbone layers unfrozen in the second phase (0: head only)",
+        help="top backbone layers unfrozen in the second phase (default 30; 0: head only)",
     )
-    images.add_argument("--fine-tune-epochs", type=int, default=10)
-    images.add_argument("--learning-rate", type=float, default=None, help="head/scratch learning rate (1e-3)")
+    images.add_argument("--fine-tune-epochs", type=int, help="default 10")
+    images.add_argument("--learning-rate", type=float, help="head/scratch/1-D CNN/autoencoder learning rate (1e-3)")
     images.add_argument(
         "--augment",
-        default="auto",
-        help="auto (all for backbones, flips for scratch), none, or a list of "
+        help="auto (default: all for backbones, flips for scratch), none, or a list of "
         "flip,rotation,zoom,translation,contrast,brightness",
     )
     images.add_argument("--no-augment", action="store_true", help="same as --augment none")
     images.add_argument("--no-class-weights", action="store_true", help="do not rebalance imbalanced classes")
     images.add_argument("--tensorboard", help="write TensorBoard logs to this directory")
-    images.add_argument("--quantize", choices=["none", "float16", "int8"], default="none")
+    images.add_argument("--quantize", choices=["none", "float16", "int8"], help="default none")
     images.add_argument(
         "--min-agreement",
         type=float,
-        default=0.98,
-        help="quantised export fails below this top-1 agreement with the float model",
+        help="quantised export fails below this top-1 agreement with the float model (default 0.98)",
     )
-    images.add_argument("--image-size", type=int, default=None, help="default: the architecture's native size")
-    images.add_argument("--color-mode", choices=["auto", "grayscale", "rgb"], default="auto")
-    images.add_argument("--val-split", type=float, default=0.15)
-    images.add_argument("--test-split", type=float, default=0.15)
+    images.add_argument("--image-size", type=int, help="default: the architecture's native size")
+    images.add_argument("--color-mode", choices=["auto", "grayscale", "rgb"], help="default auto")
+    images.add_argument("--val-split", type=float, help="default 0.15")
+    images.add_argument("--test-split", type=float, help="default 0.15")
     sensors = train.add_argument_group("sensors")
     sensors.add_argument(
         "--window",
         type=int,
-        default=None,
         help="readings per window (default 34 for the ar detector, 30 for the autoencoder)",
     )
     sensors.add_argument(
         "--detector",
         choices=["ar", "autoencoder"],
-        default="ar",
-        help="anomaly detector: ar (per-channel autoregressive innovations, default) or autoencoder",
+        help="anomaly detector: ar (per-channel autoregressive innovations, default; least squares, so no epochs, "
+        "batches or seed) or autoencoder",
     )
     sensors.add_argument("--columns", help="comma-separated channel columns (default: every numeric column)")
     sensors.add_argument(
         "--label-column",
-        default="anomaly",
-        help="0/1 column marking anomalies; labelled rows are left out of training",
+        help="0/1 column marking anomalies (default anomaly); labelled rows are left out of training",
     )
     train.set_defaults(func=_train)
 
@@ -298,19 +345,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ chatter buries the useful lines
-    if args.command == "train":
-        defaults = {"images": (30, 32), "anomaly": (60, 64), "classify": (150, 32)}
-        task = "classify" if args.task == "classification" else args.task or "anomaly"
-        epochs, batch_size = defaults["images" if args.kind == "images" else task]
-        args.epochs = args.epochs or epochs
-        args.batch_size = args.batch_size or batch_size
+    if args.command == "train" and (problem := _train_usage_problem(args)):
+        print(f"plcsense: {problem}", file=sys.stderr)
+        return 2
     from plcsense.models.bundle import BundleError
     from plcsense.training.data import DataError
 
-    one_folder = args.command == "train" and (args.kind == "images" or args.task in ("classify", "classification"))
-    if one_folder and len(args.data) > 1:
-        print("plcsense: give one data folder (of class folders, or with train/ val/ test/)", file=sys.stderr)
-        return 2
     expected: tuple[type[Exception], ...] = (BundleError, DataError, FileExistsError, FileNotFoundError)
     if args.command == "simulate":
         expected += (OSError,)  # the broker is unreachable

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from plcsense.training.data import read_sensor_csv, sliding_windows
-from plcsense.training.detectors import DetectorSettings, build_detector, channel_errors
+from plcsense.training.detectors import ARSettings, build_detector, channel_errors
 
 SKAB = Path(__file__).resolve().parents[2] / "shared" / "data" / "skab"
 TRAIN_ROWS = 400
@@ -35,7 +35,7 @@ def scores(model, threshold: float, values: np.ndarray) -> np.ndarray:
 def test_interface_raw_window_in_one_error_per_channel_out(tmp_path: Path) -> None:
     values = plant(600)
     model, threshold = build_detector(values[:TRAIN_ROWS])
-    window = DetectorSettings().window
+    window = ARSettings().window
     assert model.input_shape == (None, window, 4) and model.output_shape == (None, 4)
     assert np.isfinite(threshold) and threshold > 0
     windows = sliding_windows(values.astype(np.float32), window)

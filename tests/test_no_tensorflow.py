@@ -121,14 +121,14 @@ def write_labelled_csv(path: Path, seed: int) -> Path:
 def bundles(tmp_path_factory, sensor_bundle, image_bundle, image_data) -> dict[str, tuple[Path, Path, Path]]:
     """Bundle kind -> (bundle, evaluation data, one file to predict), every bundle tiny and trained here or once."""
     from plcsense.training.sensor_classify import SensorClassifyConfig, train_sensor_classifier
-    from plcsense.training.sensors import SensorTrainConfig, train_sensor_anomaly
+    from plcsense.training.sensors import AutoencoderSettings, SensorTrainConfig, train_sensor_anomaly
 
     root = tmp_path_factory.mktemp("kinds")
     write_sensor_csv(root / "normal.csv")
     labelled = write_labelled_csv(root / "labelled.csv", seed=3)
     autoencoder = root / "autoencoder"
     train_sensor_anomaly(
-        [root / "normal.csv"], autoencoder, SensorTrainConfig(detector="autoencoder", window=WINDOW, epochs=2)
+        [root / "normal.csv"], autoencoder, SensorTrainConfig(detector=AutoencoderSettings(epochs=2), window=WINDOW)
     )
     cycles_dir = write_folder(root / "cycles", {"leak": 6, "normal": 6}, seed=0)
     classifier = root / "classifier"

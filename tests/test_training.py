@@ -125,10 +125,42 @@ def test_skab_anomaly_free_trains(tmp_path):
         "anomaly",
         "--window",
         "30",
-        "--epochs",
-        "2",
         "--out",
         str(out),
     )
     assert proc.returncode == 0, proc.stderr
     assert len(load_bundle(out).manifest.input.channels) == 8
+
+
+@pytest.mark.parametrize(
+    "args,refused",
+    [
+        (["sensors", "s.csv", "--epochs", "5"], "--epochs does not apply to train sensors --detector ar"),
+        (["sensors", "s.csv", "--detector", "ar", "--seed", "1", "--batch-size", "8"], "--batch-size, --seed do not"),
+        (["sensors", "s.csv", "--quantize", "int8"], "--quantize does not apply to train sensors --detector ar"),
+        (["sensors", "s.csv", "--detector", "autoencoder", "--arch", "scratch"], "--arch does not apply to train "),
+        (
+            ["sensors", "cycles", "--task", "classify", "--window", "9"],
+            "--window does not apply to train sensors",
+        ),
+        (["sensors", "cycles", "--task", "classify", "--detector", "ar"], "--detector does not apply"),
+        (["images", "parts", "--label-column", "y"], "--label-column does not apply to train images"),
+        (["images", "parts", "--task", "anomaly"], "--task does not apply to train images"),
+    ],
+)
+def test_train_refuses_options_the_chosen_training_ignores(tmp_path, args, refused):
+    """Refused before any data is read or TensorFlow imported: one line, exit 2, nothing written."""
+    proc = plcsense("train", *args, "--out", str(tmp_path / "b"), timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith(f"plcsense: {refused}") and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_autoencoder_takes_its_training_options(tmp_path):
+    write_sensor_csv(tmp_path / "normal.csv", rows=300)
+    args = ["--detector", "autoencoder", "--window", "16", "--epochs", "1", "--batch-size", "16", "--seed", "7"]
+    proc = plcsense("train", "sensors", str(tmp_path / "normal.csv"), *args, "--out", str(tmp_path / "b"))
+    assert proc.returncode == 0, proc.stderr
+    m = load_bundle(tmp_path / "b").manifest
+    assert m.score == "mean_squared_error" and m.input.window == 16
+    assert proc.stdout.count(" - val_loss: ") == 1  # one epoch's line: --epochs reached the autoencoder

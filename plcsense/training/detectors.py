@@ -39,7 +39,7 @@ SCALE_FLOOR = 1e-3  # smallest tolerance of a standardised channel: a channel fl
 
 
 @dataclass(frozen=True)
-class DetectorSettings:
+class ARSettings:
     """Fixed defaults, chosen once on SKAB valve1 + valve2 (pooled over 20 files) and never tuned per file.
 
     Defaults: pooled F1 0.85, FAR 0.03, MAR 0.24. Over the grid ar_order 3/5/8 x mean_window 5/10/15 x
@@ -63,7 +63,7 @@ class DetectorSettings:
         """Readings one prediction needs: AR order + mean window + smoothing - 1 (34 with the defaults)."""
         return self.ar_order + self.mean_window + self.smooth - 1
 
-    def with_window(self, window: int | None) -> DetectorSettings:
+    def with_window(self, window: int | None) -> ARSettings:
         """The same settings with ``smooth`` changed so that the model takes ``window`` readings."""
         if window is None or window == self.window:
             return self
@@ -73,7 +73,7 @@ class DetectorSettings:
                 f"window {window} is too short: needs at least ar_order + mean_window = "
                 f"{self.ar_order + self.mean_window} readings"
             )
-        return DetectorSettings(**{**asdict(self), "smooth": smooth})
+        return ARSettings(**{**asdict(self), "smooth": smooth})
 
 
 @dataclass
@@ -84,7 +84,7 @@ class FittedDetector:
     std: np.ndarray  # (C,) channel standard deviations (1 where a channel is constant)
     filters: np.ndarray  # (p + mean_window, C) FIR weights on standardised readings, newest reading first
     bias: np.ndarray  # (C,)
-    settings: DetectorSettings
+    settings: ARSettings
 
     def model(self) -> keras.Model:
         """Raw window (window, C) -> per-channel error (C,): Normalization, one fixed Dense, square, mean."""
@@ -126,9 +126,9 @@ def _autoregression(series: np.ndarray, order: int, ridge: float) -> tuple[np.nd
     return coef[:order], float(coef[order])
 
 
-def fit_detector(train_values: np.ndarray, settings: DetectorSettings | None = None) -> FittedDetector:
+def fit_detector(train_values: np.ndarray, settings: ARSettings | None = None) -> FittedDetector:
     """Fit the per-channel AR filters and tolerances on normal rows (rows, C). Pure numpy, milliseconds."""
-    s = settings or DetectorSettings()
+    s = settings or ARSettings()
     values = np.asarray(train_values, dtype=np.float64)
     rows, channels = values.shape
     p, w = s.ar_order, s.mean_window
@@ -182,7 +182,7 @@ def channel_errors(model: keras.Model, windows: np.ndarray, batch: int = 1024) -
 
 
 def build_detector(
-    train_values: np.ndarray, window: int | None = None, settings: DetectorSettings | None = None
+    train_values: np.ndarray, window: int | None = None, settings: ARSettings | None = None
 ) -> tuple[keras.Model, float]:
     """Fit on normal rows (rows, C); return (Keras scorer, threshold).
 
@@ -192,7 +192,7 @@ def build_detector(
     training part (computed by the model itself, so the exported graph and the threshold agree), times
     ``threshold_margin``. No labels are used.
     """
-    s = (settings or DetectorSettings()).with_window(window)
+    s = (settings or ARSettings()).with_window(window)
     fitted = fit_detector(train_values, s)
     model = fitted.model()
     values = np.asarray(train_values, dtype=np.float32)
