@@ -10,16 +10,20 @@ without labels. A row's prediction is the score of the window ending at that row
 window are predicted normal; the window may reach back into the training part). Scores are pooled over the
 test rows of all files: F1 = TP / (TP + (FP + FN) / 2), FAR = FP / (FP + TN), MAR = FN / (FN + TP).
 
-Training is the product's own: ``plcsense train sensors`` code (``train_anomaly_tables`` with the default
-``SensorTrainConfig``) writes one bundle per file, and rows are scored with that bundle's LiteRT model and
-threshold, as the worker would. ``--via-mqtt`` then replays every file through the real worker
-(``plcsense serve`` as its own process, one per file) on a real Mosquitto (a private one on a free port, or
-``--url`` / ``PLCSENSE_MQTT_URL``), one JSON reading per message, and checks that its ``is_anomaly`` answers
-equal the offline predictions; it also reports the worker's per-reading latency and the end-to-end throughput.
+Training and scoring are the product's own: ``plcsense train sensors`` code (``train_anomaly_tables`` with the
+default ``SensorTrainConfig``) writes one bundle per file, its rows are judged by ``plcsense evaluate``'s code
+(``plcsense.training.anomaly_eval``: that bundle's LiteRT model and threshold, as the worker would) and the
+figures are that module's F1 / FAR / MAR. What stays here is the protocol: the 400-row split, pooling per
+folder, SKAB's prediction file and the published baselines.
 
-DATA_DIR holds sub-folders of CSV files with ``anomaly`` and ``changepoint`` columns (valve1/, valve2/, other/);
-folders without them (anomaly-free/, baseline_predictions/) are skipped. Every test row's offline prediction is
-written to ``--out`` as ``file,datetime,pred_anomaly``.
+``--via-mqtt`` then replays every file through the real worker (``plcsense serve`` as its own process, one per
+file) on a real Mosquitto (a private one on a free port, or ``--url`` / ``PLCSENSE_MQTT_URL``), one JSON reading
+per message, and checks that its ``is_anomaly`` answers equal the offline predictions; it also reports the
+worker's per-reading latency and the end-to-end throughput.
+
+DATA_DIR holds sub-folders of CSV files with an ``anomaly`` column (valve1/, valve2/, other/; ``changepoint`` is
+not a channel); files without one (anomaly-free/, baseline_predictions/) are skipped. Every test row's offline
+prediction is written to ``--out`` as ``file,datetime,pred_anomaly``, the format of SKAB's published predictions.
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ from pathlib import Path
 
 import numpy as np
 
-from plcsense.training.data import read_sensor_csv, sliding_windows, sniff_delimiter
+from plcsense.harness import Broker
+from plcsense.training.anomaly_eval import alarm_scores, judge_rows
+from plcsense.training.data import SensorTable, read_sensor_csv
 
 LABEL, CHANGEPOINT = "anomaly", "changepoint"
 READY_TIMEOUT_S = 60.0
@@ -73,31 +79,18 @@ class FileRun:
     pred: np.ndarray  # (test rows,) bool; rows before ``first`` are predicted normal
 
 
-def _header(path: Path) -> tuple[list[str], str]:
-    with path.open(encoding="utf-8-sig") as f:
-        sample = f.read(8192)
-    delimiter = sniff_delimiter(sample)
-    return [h.strip() for h in next(csv.reader(sample.splitlines(), delimiter=delimiter))], delimiter
-
-
 def load_labelled_file(path: Path, key: str | None = None) -> LabelledFile | None:
-    """One SKAB CSV, or None when it lacks the ``anomaly`` / ``changepoint`` columns."""
-    header, delimiter = _header(path)
-    if LABEL not in header or CHANGEPOINT not in header:
-        return None
+    """One SKAB CSV read by the product's reader, or None when it has no ``anomaly`` column."""
     table = read_sensor_csv(path, label_column=LABEL, ignore=(CHANGEPOINT,))
-    with path.open(encoding="utf-8-sig") as f:
-        rows = [r for r in csv.reader(f, delimiter=delimiter)][1:]
-    rows = [r for r in rows if any(cell.strip() for cell in r)]
-    time_col = header.index("datetime") if "datetime" in header else None
-    times = [r[time_col] for r in rows] if time_col is not None else [str(i) for i in range(len(rows))]
-    assert table.labels is not None and len(times) == len(table.values)
+    if table.labels is None:
+        return None
+    times = table.times or [str(i) for i in range(len(table.values))]
     key = key or f"{path.parent.name}/{path.name}"
     return LabelledFile(key, table.columns, table.values, table.labels > 0, times)
 
 
 def load_labelled(data_dir: Path) -> list[LabelledFile]:
-    """Every CSV with ``anomaly`` and ``changepoint`` columns in DATA_DIR's sub-folders, sorted by folder, file."""
+    """Every CSV with an ``anomaly`` column in DATA_DIR's sub-folders, sorted by folder, then file number."""
     files = []
     for folder in sorted(p for p in data_dir.iterdir() if p.is_dir()):
         for path in sorted(folder.glob("*.csv"), key=lambda p: (len(p.stem), p.stem)):
@@ -107,34 +100,26 @@ def load_labelled(data_dir: Path) -> list[LabelledFile]:
     return files
 
 
-def counts(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    return np.array([(truth & pred).sum(), (~truth & pred).sum(), (truth & ~pred).sum(), (~truth & ~pred).sum()])
+def figures(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """The product's F1 / FAR / MAR, rounded as SKAB's tables are, and the number of rows."""
+    scores = alarm_scores(truth, pred)
+    return {**{k: round(scores[k], 4) for k in ("f1", "far", "mar")}, "rows": len(truth)}
 
 
-def metrics(c: np.ndarray) -> dict[str, float]:
-    tp, fp, fn, tn = (int(v) for v in c)
-    return {
-        "f1": round(tp / (tp + (fp + fn) / 2), 4) if tp + fp + fn else 0.0,
-        "far": round(fp / (fp + tn), 4) if fp + tn else 0.0,
-        "mar": round(fn / (fn + tp), 4) if fn + tp else 0.0,
-        "rows": tp + fp + fn + tn,
-    }
+def summarise(per_file: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, object]:
+    """Pooled figures over all files and per folder, from per-file (labels, predictions) of the test rows."""
+    folders: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for key, pair in per_file.items():
+        folders.setdefault(key.split("/")[0], []).append(pair)
 
+    def pooled(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+        return figures(np.concatenate([t for t, _ in pairs]), np.concatenate([p for _, p in pairs]))
 
-def summarise(per_file: dict[str, np.ndarray]) -> dict[str, object]:
-    """Pooled metrics over all files and per folder, from per-file (TP, FP, FN, TN) counts."""
-    folders: dict[str, np.ndarray] = {}
-    for key, c in per_file.items():
-        folder = key.split("/")[0]
-        folders[folder] = folders.get(folder, np.zeros(4, int)) + c
-    return {
-        "pooled": metrics(sum(per_file.values(), np.zeros(4, int))),
-        "folders": {k: metrics(v) for k, v in sorted(folders.items())},
-    }
+    return {"pooled": pooled(list(per_file.values())), "folders": {k: pooled(v) for k, v in sorted(folders.items())}}
 
 
 def summarise_predictions(files: list[LabelledFile], predictions: dict[str, np.ndarray], train_rows: int) -> dict:
-    return summarise({f.key: counts(f.labels[train_rows:], predictions[f.key]) for f in files})
+    return summarise({f.key: (f.labels[train_rows:], predictions[f.key]) for f in files})
 
 
 # ----------------------------------------------------------------------------- offline: the product's training
@@ -146,9 +131,6 @@ def train_and_score(
     f: LabelledFile, out: Path, train_rows: int = 400, window: int | None = None
 ) -> tuple[FileRun, dict[str, float]]:
     """Train a bundle on ``f``'s first ``train_rows`` rows with ``plcsense train sensors`` code; score the rest."""
-    from plcsense.models.bundle import SensorSpec
-    from plcsense.models.runtime import predict_all
-    from plcsense.training.data import SensorTable
     from plcsense.training.sensors import SensorTrainConfig, train_anomaly_tables
 
     t0 = time.perf_counter()
@@ -156,18 +138,15 @@ def train_and_score(
     table = SensorTable(f.columns, f.values[:train_rows], None)  # no labels: the protocol trains blind
     bundle = train_anomaly_tables([table], out, cfg, name=f"skab-{bundle_dir_name(f.key)}")
     trained = time.perf_counter() - t0
-    spec = bundle.manifest.input
-    assert isinstance(spec, SensorSpec) and bundle.manifest.threshold is not None
-    threshold = float(bundle.manifest.threshold)
 
     t0 = time.perf_counter()
-    first = max(train_rows, spec.window - 1)  # earlier test rows have no full window: predicted normal
-    values = f.values[first - spec.window + 1 :, [f.columns.index(c) for c in spec.channels]].astype(np.float32)
-    scores = predict_all(bundle.model, sliding_windows(values, spec.window)).mean(axis=1)
-    pred = np.zeros(len(f.values) - train_rows, bool)
-    pred[first - train_rows :] = scores > threshold
+    verdicts = judge_rows(bundle, SensorTable(f.columns, f.values, None), f.key, start=train_rows)
+    pred = np.zeros(len(f.values) - train_rows, bool)  # test rows without a full window are predicted normal
+    pred[verdicts.first - train_rows :] = verdicts.predicted
     scored = time.perf_counter() - t0
-    run = FileRun(f.key, bundle.path, train_rows, spec.window, threshold, first, scores, pred)
+    threshold = float(bundle.manifest.threshold)  # type: ignore[arg-type]
+    window = bundle.input_shape[0]
+    run = FileRun(f.key, bundle.path, train_rows, window, threshold, verdicts.first, verdicts.scores, pred)
     return run, {"train_s": trained, "score_s": scored}
 
 
@@ -391,12 +370,12 @@ def replay_file(
     return pred, latencies, timings
 
 
-def start_private_broker(workdir: Path) -> tuple[str, subprocess.Popen | None]:
+def start_private_broker(workdir: Path) -> tuple[str, Broker | None]:
     """A private Mosquitto on a free port (or the one at ``PLCSENSE_MQTT_URL``), as the demo does."""
-    from plcsense.demo import start_broker
+    from plcsense.demo import demo_broker
 
     try:
-        return start_broker(workdir)
+        return demo_broker(workdir)
     except SystemExit as exc:
         raise MqttReplayError(str(exc)) from None
 
@@ -472,7 +451,7 @@ def score_baselines(data_dir: Path, files: list[LabelledFile], train_rows: int =
         truth[f.key] = {t: bool(y) for t, y in zip(f.times[train_rows:], f.labels[train_rows:], strict=True)}
     out = {}
     for path in sorted((data_dir / "baseline_predictions").glob("*.csv")):
-        per_file: dict[str, np.ndarray] = {}
+        rows: dict[str, tuple[list[bool], list[bool]]] = {}
         unmatched = 0
         with path.open() as fh:
             for row in csv.DictReader(fh):
@@ -481,9 +460,10 @@ def score_baselines(data_dir: Path, files: list[LabelledFile], train_rows: int =
                 if label is None:
                     unmatched += 1
                     continue
-                pred = float(row["pred_anomaly"]) > 0
-                per_file.setdefault(key, np.zeros(4, int))
-                per_file[key] += counts(np.array([label]), np.array([pred]))
+                labels, preds = rows.setdefault(key, ([], []))
+                labels.append(label)
+                preds.append(float(row["pred_anomaly"]) > 0)
+        per_file = {key: (np.array(labels), np.array(preds)) for key, (labels, preds) in rows.items()}
         summary = summarise(per_file)
         summary["files"] = len(per_file)
         summary["rows_not_matched"] = unmatched
@@ -544,12 +524,7 @@ def main() -> None:
                 sys.exit(1)
             finally:
                 if broker is not None:
-                    broker.terminate()
-                    try:
-                        broker.wait(10)
-                    except subprocess.TimeoutExpired:
-                        broker.kill()
-                        broker.wait()
+                    broker.stop()
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result, indent=1))
     if args.via_mqtt and result["via_mqtt"]["parity"] != 1.0:  # type: ignore[index]

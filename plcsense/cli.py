@@ -146,7 +146,24 @@ def _evaluate(args: argparse.Namespace) -> int:
     from plcsense.training.evaluate import evaluate, format_table
 
     bundle = load_bundle(args.bundle)
-    rows = {data: evaluate(bundle, Path(data), label_column=args.label_column) for data in args.data}
+    if bundle.manifest.task == "anomaly":
+        from plcsense.training.anomaly_eval import evaluate_anomaly, write_predictions
+
+        rows, verdicts = {}, []
+        for data in args.data:
+            rows[data], judged = evaluate_anomaly(bundle, Path(data), label_column=args.label_column)
+            verdicts += judged
+        if args.out:
+            written = write_predictions(Path(args.out), verdicts)
+            print(f"{written} row predictions written to {args.out}", file=sys.stderr)
+    elif args.out:
+        print(
+            f"plcsense: --out writes the row predictions of anomaly bundles; {args.bundle} is a classifier",
+            file=sys.stderr,
+        )
+        return 2
+    else:
+        rows = {data: evaluate(bundle, Path(data), label_column=args.label_column) for data in args.data}
     if args.json:
         print(json.dumps(next(iter(rows.values())) if len(rows) == 1 else rows))
     else:
@@ -290,11 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(func=_train)
 
-    ev = sub.add_parser("evaluate", help="score a bundle's LiteRT model on labelled data")
+    ev = sub.add_parser(
+        "evaluate",
+        help="score a bundle's LiteRT model on labelled data (classifiers: accuracy, loss, per-class figures; "
+        "anomaly detectors: F1, false and missed alarm rates per row)",
+    )
     ev.add_argument("bundle")
     ev.add_argument("data", nargs="+", help="image folder(s) of class folders, or sensor CSV file(s)/folder(s)")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    ev.add_argument("--label-column", default="anomaly")
+    ev.add_argument("--label-column", default="anomaly", help="sensors: the 0/1 column of anomalous rows")
+    ev.add_argument(
+        "--out",
+        help="anomaly bundles: write one CSV line per scored row (file, row, timestamp, score, predicted, label)",
+    )
     ev.set_defaults(func=_evaluate)
 
     pred = sub.add_parser("predict", help="label files with a classifier bundle, through the worker's LiteRT path")

@@ -16,6 +16,7 @@ import pytest
 import plcsense
 from tests.conftest import WINDOW, write_sensor_csv
 from tests.test_sensor_classify import write_folder
+from tests.test_training import write_labelled_csv
 
 PACKAGE = Path(plcsense.__file__).resolve().parent
 TENSORFLOW = ("tensorflow", "keras", "tf_keras")
@@ -100,21 +101,6 @@ def test_no_import_cycle_among_plcsense_modules() -> None:
     assert {"plcsense.cli", "plcsense.training.evaluate", "plcsense.models.runtime"} <= set(graph)
     assert "plcsense.models.runtime" in graph["plcsense.training.evaluate"]  # the parser sees real edges
     assert cycles(graph) == []
-
-
-def write_labelled_csv(path: Path, seed: int) -> Path:
-    """The tiny plant's readings with a 0/1 ``anomaly`` column and a level shift where it is 1."""
-    write_sensor_csv(path, rows=300, seed=seed, delimiter=",")
-    lines = path.read_text().splitlines()
-    out = [lines[0] + ",anomaly"]
-    for i, line in enumerate(lines[1:]):
-        fields = line.split(",")
-        fault = 150 <= i < 200
-        if fault:
-            fields[3] = str(float(fields[3]) + 5)
-        out.append(",".join(fields) + f",{int(fault)}")
-    path.write_text("\n".join(out) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

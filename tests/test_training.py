@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from plcsense.models.bundle import load_bundle
@@ -16,9 +19,23 @@ def plcsense(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "plcsense", *args], capture_output=True, text=True, timeout=timeout)
 
 
+def write_labelled_csv(path: Path, seed: int) -> Path:
+    """300 rows of the tiny plant with a 0/1 ``anomaly`` column, and a level shift of the pressure where it is 1."""
+    write_sensor_csv(path, rows=300, seed=seed, delimiter=",")
+    lines = path.read_text().splitlines()
+    labelled = [lines[0] + ",anomaly"]
+    for i, line in enumerate(lines[1:]):
+        fields = line.split(",")
+        fault = 150 <= i < 200
+        if fault:
+            fields[3] = str(float(fields[3]) + 5)
+        labelled.append(",".join(fields) + f",{int(fault)}")
+    path.write_text("\n".join(labelled) + "\n")
+    return path
+
+
 def test_train_and_evaluate_sensors_cli(tmp_path):
     write_sensor_csv(tmp_path / "normal.csv", delimiter=";")
-    write_sensor_csv(tmp_path / "comma.csv", rows=300, seed=3, delimiter=",")
     out = tmp_path / "bundle"
     proc = plcsense(
         "train",
@@ -40,22 +57,37 @@ def test_train_and_evaluate_sensors_cli(tmp_path):
     assert manifest.input.channels == ["vibration", "current", "pressure"]  # timestamp column left out
     assert manifest.input.window == 24
 
-    # labelled data with an injected fault: evaluate reports f1/precision/recall from the LiteRT model
-    lines = (tmp_path / "comma.csv").read_text().splitlines()
-    labelled = [lines[0] + ",anomaly"]
-    for i, line in enumerate(lines[1:]):
-        fields = line.split(",")
-        fault = 150 <= i < 200
-        if fault:
-            fields[3] = str(float(fields[3]) + 5)
-        labelled.append(",".join(fields) + f",{int(fault)}")
-    (tmp_path / "labelled.csv").write_text("\n".join(labelled) + "\n")
-    proc = plcsense("evaluate", str(out), str(tmp_path / "labelled.csv"), "--json")
+    # labelled data with an injected fault: evaluate reports F1, FAR and MAR from the LiteRT model
+    labelled = write_labelled_csv(tmp_path / "labelled.csv", seed=3)
+    proc = plcsense("evaluate", str(out), str(labelled), "--json", "--out", str(tmp_path / "rows.csv"))
     assert proc.returncode == 0, proc.stderr
     scores = json.loads(proc.stdout)
     assert scores["n"] == 300 - 23
-    assert {"f1", "precision", "recall"} <= set(scores)
-    assert scores["recall"] > 0.8 and scores["precision"] > 0.5
+    assert list(scores)[3:6] == ["f1", "far", "mar"]
+    assert scores["recall"] > 0.8 and scores["precision"] > 0.5 and scores["far"] < 0.2
+    assert scores["mar"] == pytest.approx(1 - scores["recall"])
+
+    # one line per judged row: the newest reading of each window, its time stamp, score, verdict and label
+    with (tmp_path / "rows.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["file", "row", "timestamp", "score", "predicted", "label"]
+    assert len(rows) == scores["n"] and rows[0]["file"] == str(labelled)
+    assert [int(r["row"]) for r in rows] == list(range(23, 300))
+    source = list(csv.DictReader(labelled.open()))
+    assert all(r["timestamp"] == source[int(r["row"])]["timestamp"] for r in rows)
+    assert all(r["label"] == source[int(r["row"])]["anomaly"] for r in rows)
+    clear = [r for r in rows if abs(float(r["score"]) - manifest.threshold) > 1e-4]  # scores are written rounded
+    assert all((float(r["score"]) > manifest.threshold) == (r["predicted"] == "1") for r in clear)
+    predicted = np.array([r["predicted"] == "1" for r in rows])
+    truth = np.array([r["label"] == "1" for r in rows])
+    assert scores["anomalies"] == predicted.sum()
+    assert scores["far"] == pytest.approx((predicted & ~truth).sum() / (~truth).sum())
+    assert scores["mar"] == pytest.approx((~predicted & truth).sum() / truth.sum())
+    assert scores["f1"] == pytest.approx(2 * (predicted & truth).sum() / (predicted.sum() + truth.sum()))
+
+    table = plcsense("evaluate", str(out), str(labelled))
+    header = table.stdout.splitlines()[0].split()
+    assert header[:7] == ["data", "n", "anomalies", "anomaly_rate", "f1", "far", "mar"]
 
 
 def test_train_and_evaluate_images_cli(tmp_path):
@@ -164,3 +196,23 @@ def test_autoencoder_takes_its_training_options(tmp_path):
     m = load_bundle(tmp_path / "b").manifest
     assert m.score == "mean_squared_error" and m.input.window == 16
     assert proc.stdout.count(" - val_loss: ") == 1  # one epoch's line: --epochs reached the autoencoder
+
+
+def test_evaluate_out_is_for_anomaly_bundles(image_bundle, image_data, tmp_path):
+    proc = plcsense("evaluate", str(image_bundle), str(image_data), "--out", str(tmp_path / "rows.csv"), timeout=60)
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1].startswith("plcsense: --out writes the row")
+    assert "is a classifier" in proc.stderr.splitlines()[-1]
+    assert not (tmp_path / "rows.csv").exists()
+
+
+def test_alarm_scores_match_hand_counts():
+    from plcsense.training.anomaly_eval import alarm_scores
+
+    truth = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 0], bool)
+    pred = np.array([0, 1, 0, 0, 1, 1, 0, 0, 0, 0], bool)  # TP 2, FP 1, FN 3, TN 4
+    scores = alarm_scores(truth, pred)
+    assert scores["f1"] == pytest.approx(2 / (2 + (1 + 3) / 2))
+    assert scores["far"] == pytest.approx(1 / 5) and scores["mar"] == pytest.approx(3 / 5)
+    assert scores["precision"] == pytest.approx(2 / 3) and scores["recall"] == pytest.approx(2 / 5)
+    quiet = alarm_scores(np.zeros(4, bool), np.zeros(4, bool))  # nothing to find, nothing flagged
+    assert quiet == {"f1": 0.0, "far": 0.0, "mar": 0.0, "precision": 0.0, "recall": 0.0}

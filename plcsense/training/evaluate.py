@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score, log_loss, precision_score, recall_score
+from sklearn.metrics import accuracy_score, log_loss
 
 from plcsense.models.bundle import Bundle, ImageSpec, SensorSpec
 from plcsense.models.runtime import predict_all
-from plcsense.training.data import DataError, load_image_folder, load_sensor_folder, read_sensor_csv, sliding_windows
+from plcsense.training.anomaly_eval import evaluate_anomaly
+from plcsense.training.data import DataError, load_image_folder, load_sensor_folder
 
 
 def _normalised(probabilities: np.ndarray) -> np.ndarray:
@@ -58,35 +59,6 @@ def evaluate_sensor_folder(bundle: Bundle, data_dir: Path) -> dict:
     return classification_summary(predict_all(bundle.model, data.inputs), data.labels, manifest.labels)
 
 
-def anomaly_scores(bundle: Bundle, paths: list[Path], label_column: str) -> dict[str, float]:
-    spec = bundle.manifest.input
-    assert isinstance(spec, SensorSpec) and bundle.manifest.threshold is not None
-    scores, labels, have_labels = [], [], True
-    for path in paths:
-        table = read_sensor_csv(path, columns=spec.channels, label_column=label_column)
-        windows = sliding_windows(table.values, spec.window).astype(np.float32)
-        scores.append(predict_all(bundle.model, windows).mean(axis=1))
-        if table.labels is None:
-            have_labels = False
-        else:
-            labels.append(table.labels[spec.window - 1 :])  # a window is judged by its newest reading
-    score = np.concatenate(scores)
-    predicted = score > bundle.manifest.threshold
-    result: dict[str, float] = {
-        "n": len(score),
-        "anomalies": int(predicted.sum()),
-        "anomaly_rate": float(predicted.mean()),
-    }
-    if have_labels:
-        truth = np.concatenate(labels)
-        result |= {
-            "f1": float(f1_score(truth, predicted, zero_division=0)),
-            "precision": float(precision_score(truth, predicted, zero_division=0)),
-            "recall": float(recall_score(truth, predicted, zero_division=0)),
-        }
-    return result
-
-
 def evaluate(bundle: Bundle, data: Path, *, label_column: str = "anomaly") -> dict[str, float]:
     """Scores for one folder of class folders (classification) or one CSV file / folder of CSVs (anomaly)."""
     manifest = bundle.manifest
@@ -96,10 +68,7 @@ def evaluate(bundle: Bundle, data: Path, *, label_column: str = "anomaly") -> di
         assert isinstance(manifest.input, ImageSpec) and manifest.labels
         images = load_image_folder(data, manifest.input, classes=manifest.labels)
         return classification_summary(predict_all(bundle.model, images.images), images.labels, manifest.labels)
-    paths = sorted(data.rglob("*.csv")) if data.is_dir() else [data]
-    if not paths:
-        raise DataError(f"no CSV files under {data}")
-    return anomaly_scores(bundle, paths, label_column)
+    return evaluate_anomaly(bundle, data, label_column=label_column)[0]
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
