@@ -212,3 +212,17 @@ def test_bad_ts_is_refused_not_echoed(broker, sensor_bundle, run_worker, collect
     errors = out.wait_for(2, "/error")
     assert [(e["id"], e["error"]) for e in errors] == [("a", "invalid_json"), ("b", "invalid_json")]
     assert [r["ts"] for r in out.wait_for(1, "/result")] == ["2026-01-01T00:00:00Z"]
+
+
+def test_refused_client_certificate_is_explained(tmp_path, sensor_bundle, run_worker):
+    """The broker asks for a client certificate the worker does not send: a TLS handshake failure, named as such."""
+    mtls = start_broker(tmp_path / "mtls", require_client_cert=True)
+    try:
+        worker = run_worker(mtls, [sensor_route(sensor_bundle)], start=False)
+        worker.start(wait=False)
+        assert wait_metric(worker, "plcsense_mqtt_connect_failures_total", 1, reason="closed") >= 1
+        status, body = worker.get("/readyz")
+        assert status == 503 and "mqtt.cert_file" in body, body
+        assert worker.log().count("mqtt.cert_file") == 1, "each cause is logged once, then summarised"
+    finally:
+        mtls.stop()

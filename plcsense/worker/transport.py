@@ -257,6 +257,9 @@ class Transport:
         self.metrics.connected.set(int(self._connected.is_set()))
 
     def _on_answers_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if not self._answers_connected.is_set() and not self._draining:
+            self._closed_while_connecting(reason)
+            return
         self._answers_connected.clear()
         self.metrics.connected.set(0)
         if not self._draining:  # unanswered inputs stay unacknowledged; paho resends the answers on reconnect
@@ -275,7 +278,19 @@ class Transport:
                 )
                 self._subscribe_failed.append(f"{topic}: {reason}")
 
+    def _closed_while_connecting(self, reason: Any) -> None:
+        """The broker hung up before CONNACK: with TLS 1.3 that is how a refused client certificate shows."""
+        hint = (
+            "if it requires client certificates, check mqtt.cert_file and mqtt.key_file (signed by a CA it trusts)"
+            if self.settings.tls
+            else "check its log and the url's port"
+        )
+        self._connection_failed("closed", f"the broker closed the connection before accepting it ({reason}); {hint}")
+
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if not self._connected.is_set() and not self._draining:
+            self._closed_while_connecting(reason)
+            return
         self._connected.clear()
         self.metrics.connected.set(0)
         with self._room:
