@@ -60,12 +60,12 @@ demo: venv broker
 	$(BIN)/plcsense demo
 
 test: venv broker deploy-tools
-	$(BIN)/ruff check plcsense tests bench
+	$(BIN)/ruff check plcsense tests bench deploy
 	$(BIN)/python -m pytest -q
 
 lint: venv
-	$(BIN)/ruff check plcsense tests bench
-	$(BIN)/ruff format --check plcsense tests bench
+	$(BIN)/ruff check plcsense tests bench deploy
+	$(BIN)/ruff format --check plcsense tests bench deploy
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache
