@@ -188,3 +188,15 @@ def test_json_logs(broker, sensor_bundle, run_worker, collectors):
     assert out.wait(1, "/error")
     records = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
     assert any(r["level"] == "WARNING" and "invalid_json" in r["message"] for r in records), worker.log()
+
+
+def test_compiled_topic_filters_agree_with_paho():
+    import paho.mqtt.client as mqtt
+
+    from plcsense.worker.topics import TopicFilter
+
+    filters = ["#", "+", "a/#", "a/+", "a/+/c", "+/b/#", "a/b", "$SYS/#", "+/+", "a/+/#", "/+", "+/", "a//b", "a.b/+"]
+    topics = ["a", "a/b", "a/b/c", "a/x/c", "b", "$SYS/x", "$SYS", "/a", "a/", "a//b", "x/b/y", "/", "a/b/c/d", "aab/x"]
+    for f in filters:
+        for t in topics:
+            assert TopicFilter(f).matches(t) == mqtt.topic_matches_sub(f, t), (f, t)

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
-import paho.mqtt.client as mqtt
 
 from plcsense.errors import ErrorCode
 from plcsense.models.bundle import Bundle, BundleError, load_bundle
@@ -24,9 +23,10 @@ from plcsense.models.inputs import InputError
 from plcsense.worker.batching import MicroBatcher
 from plcsense.worker.decoders import Decoded, Decoder, Lifecycle, make_decoder
 from plcsense.worker.documents import ErrorDocument, ModelRef, Ranked, ResultDocument
-from plcsense.worker.metrics import Metrics
+from plcsense.worker.metrics import Metrics, RouteMetrics, route_metrics
 from plcsense.worker.quiet_log import RateLimitedLog
 from plcsense.worker.settings import RouteSettings, Settings
+from plcsense.worker.topics import TopicFilter
 from plcsense.worker.windows import WindowStore, reading_time
 
 log = logging.getLogger("plcsense.worker")
@@ -75,6 +75,8 @@ Outcome = Answer | _NothingOwed
 @dataclass
 class Route:
     settings: RouteSettings
+    metrics: RouteMetrics
+    filter: TopicFilter = field(init=False)
     bundle: Bundle | None = None
     load_error: str | None = None
     decoder: Decoder | None = None
@@ -82,6 +84,9 @@ class Route:
     batcher: MicroBatcher[Inbound] | None = field(default=None, repr=False)
     decode_pool: ThreadPoolExecutor | None = field(default=None, repr=False)
     """Image routes decode off the MQTT network thread, on a bounded pool."""
+
+    def __post_init__(self) -> None:
+        self.filter = TopicFilter(self.settings.topic)
 
     @property
     def name(self) -> str:
@@ -111,21 +116,20 @@ class Pipeline:
     def __init__(self, settings: Settings, metrics: Metrics, on_answer: Callable[[Inbound, Answer], None]) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.routes = [Route(r) for r in settings.routes]
+        self.routes = [Route(r, route_metrics(metrics, r.name)) for r in settings.routes]
         self._on_answer = on_answer
         self._output_patterns = [
-            (r.topic, _template_regex(t, r.name)) for r in settings.routes for t in (r.result_topic, r.error_topic)
+            (route.filter, _template_regex(t, route.name))
+            for route in self.routes
+            for t in (route.settings.result_topic, route.settings.error_topic)
         ]
+        self._status = TopicFilter("plcsense/+/status")
         self._warnings = RateLimitedLog(log)
 
     # ----------------------------------------------------------------- models
     def load_models(self) -> None:
         for route in self.routes:
             self._load(route)
-            for code in ErrorCode:  # every series exists from the start, so the first burst shows in increase()
-                self.metrics.errors.labels(route.name, code.value)
-            for counter in (self.metrics.messages, self.metrics.results, self.metrics.anomalies):
-                counter.labels(route.name)
 
     def _load(self, route: Route) -> None:
         r = route.settings
@@ -161,7 +165,7 @@ class Pipeline:
                 stride=r.window_stride,
                 max_gap_s=r.max_gap_s,
                 max_devices=r.max_devices,
-                on_evict=self.metrics.evictions.labels(route.name).inc,
+                on_evict=route.metrics.evictions.inc,
             )
         else:
             route.decode_pool = ThreadPoolExecutor(r.decode_threads, thread_name_prefix=f"decode-{route.name}")
@@ -194,16 +198,16 @@ class Pipeline:
         if self._is_output(topic):
             return None
         for route in self.routes:
-            if mqtt.topic_matches_sub(route.settings.topic, topic):
+            if route.filter.matches(topic):
                 return route
         return None
 
     def _is_output(self, topic: str) -> bool:
-        if topic == self.settings.mqtt.status_topic or mqtt.topic_matches_sub("plcsense/+/status", topic):
+        if topic == self.settings.mqtt.status_topic or self._status.matches(topic):
             return True
         for route_filter, pattern in self._output_patterns:
             match = pattern.match(topic)
-            if match and ("topic" not in match.groupdict() or mqtt.topic_matches_sub(route_filter, match["topic"])):
+            if match and ("topic" not in match.groupdict() or route_filter.matches(match["topic"])):
                 return True
         return False
 
@@ -212,7 +216,7 @@ class Pipeline:
         """Take one input of ``inbound.route``; None means it went on to inference and is answered later."""
         route = inbound.route
         assert route is not None
-        self.metrics.messages.labels(route.name).inc()
+        route.metrics.messages.inc()
         try:
             limit = route.settings.max_payload_bytes
             if len(inbound.payload) > limit:
@@ -262,7 +266,7 @@ class Pipeline:
                 shape = list(route.bundle.manifest.input.shape)  # type: ignore[union-attr]
                 raise InputError(ErrorCode.BAD_SHAPE, f"route takes whole windows of shape {shape} (full_windows)")
             pushed = route.windows.push(decoded.device or inbound.topic, decoded.array, reading_time(decoded.ts))
-            self.metrics.windows.labels(route.name).set(len(route.windows))
+            route.metrics.windows.set(len(route.windows))
             if pushed.gap_s is not None:
                 raise InputError(
                     ErrorCode.WINDOW_RESET,
@@ -329,7 +333,7 @@ class Pipeline:
             fields["is_anomaly"] = score > manifest.threshold
             fields["channels"] = {name: round(float(v), 6) for name, v in zip(channels, output, strict=True)}
             if fields["is_anomaly"]:
-                self.metrics.anomalies.labels(route.name).inc()
+                route.metrics.anomalies.inc()
         latency = time.monotonic() - inbound.received
         doc = ResultDocument(
             id=decoded.id,
@@ -340,15 +344,15 @@ class Pipeline:
             ts=decoded.ts if decoded.ts is not None else time.time(),
             **fields,
         )
-        self.metrics.results.labels(route.name).inc()
-        self.metrics.latency.labels(route.name).observe(latency)
+        route.metrics.results.inc()
+        route.metrics.latency.observe(latency)
         topic = inbound.response_topic or route.settings.result_topic.format(topic=inbound.topic, route=route.name)
         return Answer(topic, doc.to_json(), route.settings.qos, inbound.correlation, route.name)
 
     def error(self, inbound: Inbound, code: ErrorCode, detail: str, msg_id: str | None = None) -> Answer:
         route = inbound.route
         assert route is not None
-        self.metrics.errors.labels(route.name, code.value).inc()
+        route.metrics.errors[code].inc()
         self._warnings.log(
             logging.WARNING, f"{route.name}:{code}", "route %s: %s on %s: %s", route.name, code, inbound.topic, detail
         )

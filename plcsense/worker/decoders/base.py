@@ -15,8 +15,6 @@ from plcsense.models.bundle import ImageSpec, Manifest, SensorSpec
 from plcsense.models.inputs import InputError
 from plcsense.worker.settings import RouteSettings
 
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-
 
 @dataclass(slots=True)
 class Decoded:
@@ -103,9 +101,11 @@ def checked(decoded: Decoded, spec: SensorSpec | ImageSpec) -> Decoded:
             raise InputError(
                 ErrorCode.BAD_SHAPE, f"input shape {list(array.shape)}, model needs {list(spec.shape)}{single}"
             )
-    if not np.all(np.isfinite(array)):
-        raise InputError(ErrorCode.NON_FINITE, "input contains NaN or infinity")
-    if array.size and float(np.max(np.abs(array))) > _FLOAT32_MAX:
+    with np.errstate(over="ignore", invalid="ignore"):
+        narrowed = array.astype(np.float32)  # values beyond float32's range become inf here: one check for both
+    if not np.isfinite(narrowed).all():
+        if not np.isfinite(array).all():
+            raise InputError(ErrorCode.NON_FINITE, "input contains NaN or infinity")
         raise InputError(ErrorCode.NON_FINITE, "input values overflow float32")
-    decoded.array = array.astype(np.float32)
+    decoded.array = narrowed
     return decoded
