@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -144,8 +143,10 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from plcsense.models.bundle import load_bundle
     from plcsense.training.evaluate import evaluate, format_table
+    from plcsense.training.quiet import LITERT_STARTUP, without_lines
 
-    bundle = load_bundle(args.bundle)
+    with without_lines(LITERT_STARTUP):
+        bundle = load_bundle(args.bundle)
     if bundle.manifest.task == "anomaly":
         from plcsense.training.anomaly_eval import evaluate_anomaly, write_predictions
 
@@ -175,8 +176,10 @@ def _predict(args: argparse.Namespace) -> int:
     from plcsense.models.bundle import ImageSpec, load_bundle
     from plcsense.models.inputs import InputError, load_image_file
     from plcsense.training.data import DataError, read_sensor_sample
+    from plcsense.training.quiet import LITERT_STARTUP, without_lines
 
-    bundle = load_bundle(args.bundle)
+    with without_lines(LITERT_STARTUP):
+        bundle = load_bundle(args.bundle)
     spec, labels = bundle.manifest.input, bundle.manifest.labels
     if not labels:
         print(
@@ -369,10 +372,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ chatter buries the useful lines
-    if args.command == "train" and (problem := _train_usage_problem(args)):
-        print(f"plcsense: {problem}", file=sys.stderr)
-        return 2
+    if args.command == "train":
+        if problem := _train_usage_problem(args):
+            print(f"plcsense: {problem}", file=sys.stderr)
+            return 2
+        from plcsense.training.quiet import import_tensorflow_quietly
+
+        import_tensorflow_quietly()  # before anything imports TensorFlow: its start-up notices bury useful lines
     from plcsense.models.bundle import BundleError
     from plcsense.training.data import DataError
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,24 @@ from tests.conftest import SHARED_DATA, write_image_folder, write_sensor_csv
 
 def plcsense(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "plcsense", *args], capture_output=True, text=True, timeout=timeout)
+
+
+NOISE = (
+    "absl::InitializeLog",  # TensorFlow's import, before TF_CPP_MIN_LOG_LEVEL applies
+    "oneDNN custom operations",
+    "cpu_feature_guard",
+    "Assets written to",  # every export, through the tensorflow logger
+    "fully_quantize",  # the int8 converter
+    "Statistics for quantized inputs",
+    "XNNPACK delegate",  # LiteRT's first interpreter
+)
+
+
+def assert_quiet(proc: subprocess.CompletedProcess) -> None:
+    """No TensorFlow or LiteRT start-up notices, and no absl-formatted C++ log lines, in the CLI's output."""
+    output = proc.stdout + proc.stderr
+    assert [n for n in NOISE if n in output] == [], output[-3000:]
+    assert not re.search(r"^[IWE]\d{4} \d\d:\d\d:\d\d", output, re.MULTILINE), output[-3000:]
 
 
 def write_labelled_csv(path: Path, seed: int) -> Path:
@@ -53,6 +72,7 @@ def test_train_and_evaluate_sensors_cli(tmp_path):
         str(out),
     )
     assert proc.returncode == 0, proc.stderr
+    assert_quiet(proc)
     manifest = load_bundle(out).manifest
     assert manifest.input.channels == ["vibration", "current", "pressure"]  # timestamp column left out
     assert manifest.input.window == 24
@@ -61,6 +81,7 @@ def test_train_and_evaluate_sensors_cli(tmp_path):
     labelled = write_labelled_csv(tmp_path / "labelled.csv", seed=3)
     proc = plcsense("evaluate", str(out), str(labelled), "--json", "--out", str(tmp_path / "rows.csv"))
     assert proc.returncode == 0, proc.stderr
+    assert_quiet(proc)
     scores = json.loads(proc.stdout)
     assert scores["n"] == 300 - 23
     assert list(scores)[3:6] == ["f1", "far", "mar"]
@@ -108,10 +129,15 @@ def test_train_and_evaluate_images_cli(tmp_path):
         "12",
         "--batch-size",
         "8",
+        "--quantize",
+        "int8",
+        "--min-agreement",
+        "0",
         "--out",
         str(out),
     )
     assert proc.returncode == 0, proc.stderr
+    assert_quiet(proc)
     assert "broken.png" in proc.stderr  # corrupt files are skipped and named
     manifest = load_bundle(out).manifest
     assert manifest.labels == ["bright", "dark", "striped"] and manifest.input.color_mode == "grayscale"
@@ -121,6 +147,7 @@ def test_train_and_evaluate_images_cli(tmp_path):
     write_image_folder(held_out, per_class=10, seed=7)
     proc = plcsense("evaluate", str(out), str(held_out), "--json")
     assert proc.returncode == 0, proc.stderr
+    assert_quiet(proc)
     scores = json.loads(proc.stdout)
     assert scores["n"] == 30 and scores["accuracy"] >= 0.9 and scores["loss"] >= 0
     table = plcsense("evaluate", str(out), str(held_out), str(data))
@@ -161,6 +188,7 @@ def test_skab_anomaly_free_trains(tmp_path):
         str(out),
     )
     assert proc.returncode == 0, proc.stderr
+    assert_quiet(proc)
     assert len(load_bundle(out).manifest.input.channels) == 8
 
 
@@ -193,6 +221,7 @@ def test_autoencoder_takes_its_training_options(tmp_path):
     args = ["--detector", "autoencoder", "--window", "16", "--epochs", "1", "--batch-size", "16", "--seed", "7"]
     proc = plcsense("train", "sensors", str(tmp_path / "normal.csv"), *args, "--out", str(tmp_path / "b"))
     assert proc.returncode == 0, proc.stderr
+    assert_quiet(proc)
     m = load_bundle(tmp_path / "b").manifest
     assert m.score == "mean_squared_error" and m.input.window == 16
     assert proc.stdout.count(" - val_loss: ") == 1  # one epoch's line: --epochs reached the autoencoder

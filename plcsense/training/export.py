@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import tensorflow as tf
 
 from plcsense.models.bundle import GOLDEN_FILE, MODEL_FILE, Bundle, Manifest, Quantize, load_bundle, write_manifest
 from plcsense.models.runtime import LiteRTModel, predict_all
+from plcsense.training.quiet import CONVERTER, LITERT_STARTUP, without_lines
 
 GOLDEN_SAMPLES = 3
 REPRESENTATIVE_SAMPLES = 200
@@ -56,7 +58,12 @@ def to_tflite(model: keras.Model, quantization: Quantization | None = None) -> b
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = representative
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    with contextlib.redirect_stdout(io.StringIO()):  # Keras prints the whole SavedModel signature otherwise
+    with (
+        contextlib.redirect_stdout(io.StringIO()),  # Keras prints the whole SavedModel signature otherwise
+        without_lines(CONVERTER),  # and the int8 converter its settings
+        warnings.catch_warnings(),
+    ):
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")  # by design
         return converter.convert()
 
 
@@ -95,8 +102,9 @@ def export_bundle(
     staging.mkdir(parents=True)
     q = quantization or Quantization()
     (staging / MODEL_FILE).write_bytes(to_tflite(model))
-    lite = LiteRTModel(staging / MODEL_FILE)
-    float_scores = score(lite)
+    with without_lines(LITERT_STARTUP):  # the process's first allocated interpreter announces its CPU delegate
+        lite = LiteRTModel(staging / MODEL_FILE)
+        float_scores = score(lite)
     manifest.variants = {"float32": float_scores}
     if q.mode != "none":
         candidate = staging / f"model.{q.mode}.tflite"
