@@ -51,6 +51,7 @@ import numpy as np
 from plcsense.harness import Broker
 from plcsense.training.anomaly_eval import alarm_scores, judge_rows
 from plcsense.training.data import SensorTable, read_sensor_csv
+from plcsense.training.quiet import import_tensorflow_quietly
 
 LABEL, CHANGEPOINT = "anomaly", "changepoint"
 READY_TIMEOUT_S = 60.0
@@ -491,6 +492,7 @@ def main() -> None:
     if args.baselines:
         print(json.dumps(score_baselines(args.data_dir, files, args.train_rows), indent=1))
         return
+    import_tensorflow_quietly()
     with tempfile.TemporaryDirectory(prefix="skab-") as tmp:
         bundles = args.bundles or Path(tmp) / "bundles"
         try:
