@@ -3,6 +3,7 @@ silent (`promtool test rules`), Alertmanager's config checks and routes every al
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,19 @@ def test_alertmanager_smtp_password_comes_from_a_file():
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     assert secret.name in compose["services"]["alertmanager"]["secrets"]
     assert compose["secrets"][secret.name]["file"] == f"./secrets/{secret.name}"
+
+
+def test_dashboard_filters_every_query_by_site_and_worker():
+    board = json.loads((DEPLOY / "grafana" / "dashboards" / "plcsense.json").read_text())
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert {"datasource", "site", "instance", "route"} <= variables.keys()
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids))
+    titles = set()
+    for panel in board["panels"]:
+        for target in panel.get("targets", []):
+            assert 'site=~"$site"' in target["expr"] and 'instance=~"$instance"' in target["expr"], panel["title"]
+            if "plcsense_inference_seconds" in target["expr"]:
+                assert "route, model, version" in target["expr"], "inference joins plcsense_model_info on all three"
+        titles.add(panel["title"])
+    assert {"Workers up", "Answer latency p50 / p95 / p99", "Routes without a model"} <= titles
