@@ -19,7 +19,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from plcsense.harness import Broker, MqttConnectError, close, connect, free_port, mosquitto_available
+from plcsense.harness import (
+    Broker,
+    MqttConnectError,
+    close,
+    connect,
+    find_executable,
+    free_port,
+    mosquitto_available,
+)
 from plcsense.worker.service import Worker
 from tests.conftest import WINDOW, Collector, publish_all
 from tests.deploy_tools import DEPLOY, run, tool
@@ -167,6 +175,8 @@ def test_broker_refuses_anonymous_and_wrong_passwords(shipped_broker):
 
 @requires_mosquitto
 def test_compose_healthcheck_works_with_auth(shipped_broker):
+    if find_executable("mosquitto_sub") is None:
+        pytest.skip("needs mosquitto_sub (apt-get install mosquitto-clients)")
     worker_view, _plc, auth = shipped_broker
     command = compose()["services"]["mosquitto"]["healthcheck"]["test"][1]
     command = command.replace("$$", "$").replace("/mosquitto/auth/", f"{auth}/")
