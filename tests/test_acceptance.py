@@ -39,8 +39,6 @@ def test_skab_readings_with_mosquitto_pub(tmp_path, broker, collectors):
             "anomaly",
             "--window",
             "30",
-            "--epochs",
-            "3",
             "--out",
             str(bundle),
         ],
