@@ -165,6 +165,24 @@ def shipped_broker(tmp_path):
 
 
 @requires_mosquitto
+def test_password_script_is_repeatable(tmp_path):
+    secrets, auth = tmp_path / "secrets", tmp_path / "auth"
+    subprocess.run(["sh", str(DEPLOY / "init-secrets.sh"), str(secrets)], check=True, capture_output=True)
+    env = {**os.environ, "SECRETS_DIR": str(secrets), "AUTH_DIR": str(auth)}
+    script = ["sh", str(DEPLOY / "mosquitto" / "mosquitto-users.sh")]
+    subprocess.run(script, env=env, check=True, capture_output=True)
+    first = (auth / "healthcheck.password").read_text()
+    subprocess.run(script, env=env, check=True, capture_output=True)
+    # A broker that was not restarted still holds the first healthcheck password: it must not change.
+    assert (auth / "healthcheck.password").read_text() == first
+    users = [line.split(":", 1)[0] for line in (auth / "passwd").read_text().splitlines()]
+    assert users == ["plcsense", "plc", "healthcheck"]
+    (secrets / "mqtt_plc_password").write_text("")
+    refused = subprocess.run(script, env=env, capture_output=True, text=True, check=False)
+    assert refused.returncode != 0 and "init-secrets.sh" in refused.stderr
+
+
+@requires_mosquitto
 def test_broker_refuses_anonymous_and_wrong_passwords(shipped_broker):
     worker_view, _plc, _auth = shipped_broker
     with pytest.raises(MqttConnectError):

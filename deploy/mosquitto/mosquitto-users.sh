@@ -1,8 +1,8 @@
 #!/bin/sh
 # Writes Mosquitto's password file from the compose secrets, before each broker start (service
 # mosquitto-init in deploy/compose.yaml). Users: plcsense (the worker), plc (PLCs, gateways) and
-# healthcheck, whose password is made afresh at each start and kept beside the password file for the
-# broker's healthcheck. Passwords are never on a command line: mosquitto_passwd reads them from stdin.
+# healthcheck, whose random password is kept beside the password file for the broker's healthcheck.
+# Passwords are never on a command line: mosquitto_passwd reads them from stdin.
 set -eu
 
 secrets=${SECRETS_DIR:-/run/secrets}
@@ -22,7 +22,10 @@ add_user() { # user password-file
 
 add_user plcsense "$secrets/mqtt_worker_password"
 add_user plc "$secrets/mqtt_plc_password"
-head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$auth/healthcheck.password"
+# Made once and kept: a broker that is not restarted with this script keeps the password file it read.
+if [ ! -s "$auth/healthcheck.password" ]; then
+    head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$auth/healthcheck.password"
+fi
 add_user healthcheck "$auth/healthcheck.password"
 
 # The broker drops to user mosquitto before it reads the file.
