@@ -49,7 +49,7 @@ def _train_usage_problem(args: argparse.Namespace) -> str | None:
         return "give one data folder (of class folders, or with train/ val/ test/)"
     reads = TRAIN_OPTIONS[training]
     every = set().union(*TRAIN_OPTIONS.values())
-    ignored = sorted(d for d in every - reads if getattr(args, d) not in (None, False))
+    ignored = sorted(d for d in every - reads if getattr(args, d) is not None and getattr(args, d) is not False)
     if not ignored:
         return None
     flags = ", ".join("--" + d.replace("_", "-") for d in ignored)
