@@ -6,16 +6,19 @@ TLS file the config names is mounted, the models PVC exists, grace covers the dr
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import re
 import shutil
+import time
 from functools import cache
 from pathlib import Path
 
 import pytest
 import yaml
 
+from plcsense.harness import WorkerProcess, free_port
 from plcsense.worker.service import Worker
 from plcsense.worker.settings import load_settings
 from tests.deploy_tools import DEPLOY, run, tool
@@ -246,3 +249,42 @@ def test_disruption_budget_spread_network_policy_and_grace(overlay):
             )
     for policy in policies:
         assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+
+
+def test_pump_workload_runs_on_a_real_worker_and_would_be_refused_in_a_shared_group(tmp_path, broker, sensor_bundle):
+    """The rendered pump pod (config and environment) on a real worker and broker: ready as shipped; moved into the
+    image workload's shared group, its windowed route is refused instead of mis-scoring."""
+    overlay = K8S / "overlays" / "line3"
+    (sts,) = [s for s in _workloads(overlay) if s["metadata"]["name"] == "plcsense-pumps-line1"]
+    config = pod_config(docs(overlay), sts)
+    config["mqtt"] = {k: v for k, v in config["mqtt"].items() if k != "ca_file"} | broker.mqtt_settings()
+    port = free_port()
+    config["metrics"] = {"host": "127.0.0.1", "port": port}
+    for route in config["routes"]:
+        route["model"] = str(sensor_bundle)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in pod_env(sts, 0).items() if k not in ("PLCSENSE_MQTT__USERNAME", "PLCSENSE_MQTT__PASSWORD")}
+
+    shipped = WorkerProcess(path, port, tmp_path / "shipped.log", env=env).start()
+    assert shipped.get("/readyz") == (200, "ready\n")
+    assert shipped.terminate() == 0
+
+    images = next(s for s in _workloads(overlay) if s["metadata"]["name"] == "plcsense-images")
+    shared = WorkerProcess(
+        path,
+        port,
+        tmp_path / "shared.log",
+        env={**env, "PLCSENSE_MQTT__SHARED_GROUP": pod_env(images, 0)["PLCSENSE_MQTT__SHARED_GROUP"]},
+    ).start(wait=False)
+    try:
+        deadline, status, body = time.monotonic() + 30, 0, ""
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                status, body = shared.get("/readyz")
+                if "shared_group" in body:
+                    break
+            time.sleep(0.1)
+        assert status == 503 and "line3-images" in body and "sliding windows" in body, shared.log()
+    finally:
+        shared.stop()
