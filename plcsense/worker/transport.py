@@ -197,6 +197,7 @@ class Transport:
             )
             client.tls_insecure_set(s.tls_insecure)
         client.on_connect_fail = self._on_connect_fail
+        client.user_data_set(self._connected if intake else self._answers_connected)
         client.suppress_exceptions = True  # a bug in a callback must not end the MQTT loop
         if intake:
             client.manual_ack_set(True)
@@ -208,7 +209,7 @@ class Transport:
         else:
             client.max_inflight_messages_set(s.max_inflight)
             client.on_connect = self._on_answers_connect
-            client.on_disconnect = self._on_answers_disconnect
+            client.on_disconnect = self._on_disconnect
             client.on_publish = self._on_publish
         return client
 
@@ -256,17 +257,6 @@ class Transport:
         self._answers_connected.set()
         self.metrics.connected.set(int(self._connected.is_set()))
 
-    def _on_answers_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if not self._answers_connected.is_set() and not self._draining:
-            self._closed_while_connecting(reason)
-            return
-        self._answers_connected.clear()
-        self.metrics.connected.set(0)
-        if not self._draining:  # unanswered inputs stay unacknowledged; paho resends the answers on reconnect
-            self._warnings.log(
-                logging.WARNING, f"answers:{reason}", "answers connection lost (%s); reconnecting", reason
-            )
-
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list, props: Any) -> None:
         topic = self._subscriptions.pop(mid, "?")
         for reason in reasons:
@@ -287,15 +277,16 @@ class Transport:
         )
         self._connection_failed("closed", f"the broker closed the connection before accepting it ({reason}); {hint}")
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if not self._connected.is_set() and not self._draining:
+    def _on_disconnect(self, client: mqtt.Client, connected: Any, flags: Any, reason: Any, props: Any) -> None:
+        """Either connection (``connected`` is its event, given to paho as user data)."""
+        if not connected.is_set() and not self._draining:
             self._closed_while_connecting(reason)
             return
-        self._connected.clear()
+        connected.clear()
         self.metrics.connected.set(0)
         with self._room:
             self._room.notify_all()
-        if not self._draining:
+        if not self._draining:  # unanswered inputs stay unacknowledged: the broker or paho resends them
             self._failure = f"disconnected ({reason})"
             self._warnings.log(
                 logging.WARNING, f"disconnect:{reason}", "disconnected from the broker (%s); reconnecting", reason
