@@ -82,13 +82,19 @@ def serve(config: Path | None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    reload = threading.Event()
+    signal.signal(signal.SIGHUP, lambda signum, frame: reload.set())
     try:
         worker = Worker(settings)
         worker.start()
     except (OSError, ValueError) as exc:  # a taken metrics port, unreadable TLS files...
         print(f"plcsense serve: cannot start: {exc}", file=sys.stderr)
         return 2
-    stop.wait()
+    while not stop.wait(0.5):
+        if reload.is_set():  # SIGHUP: look for new model versions now (not in the handler: it may take seconds)
+            reload.clear()
+            log.info("SIGHUP: looking for new model versions")
+            worker.reload()
     log.info("stopping: answering in-flight messages")
     drained = worker.stop()
     log.info("stopped%s", "" if drained else " (some messages left for redelivery)")

@@ -86,7 +86,35 @@ class Metrics:
         )
         self.saturations = Counter("plcsense_intake_saturations", "Times intake had to wait for room", registry=r)
         self.connected = Gauge("plcsense_mqtt_connected", "1 while connected to the broker", registry=r)
-        self.model_info = Gauge("plcsense_model_info", "Loaded model bundles", _MODEL, registry=r)
+        self.model_info = Gauge("plcsense_model_info", "Model versions serving, per route", _MODEL, registry=r)
+        self.model_loads = Counter(
+            "plcsense_model_loads",
+            "Model versions loaded or refused (failed a check)",
+            ["route", "outcome"],
+            registry=r,
+        )
+        self.shadow_inputs = Counter(
+            "plcsense_shadow_inputs",
+            "Inputs a shadow candidate answered beside the model",
+            ["route", "version"],
+            registry=r,
+        )
+        self.shadow_agreements = Counter(
+            "plcsense_shadow_agreements",
+            "Shadow answers that agree with the served one (top-1 label, or anomaly verdict)",
+            ["route", "version"],
+            registry=r,
+        )
+        self.shadow_score_difference = Histogram(
+            "plcsense_shadow_score_difference",
+            "Absolute difference of the candidate's score to the served score",
+            ["route", "version"],
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+            registry=r,
+        )
+        self.canary_inputs = Counter(
+            "plcsense_canary_inputs", "Inputs answered by a canary candidate", ["route", "version"], registry=r
+        )
         self.windows = Gauge(
             "plcsense_tracked_windows", "Devices with a sliding window in memory", ["route"], registry=r
         )

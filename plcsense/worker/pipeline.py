@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
 
 from plcsense.errors import ErrorCode
-from plcsense.models.bundle import Bundle, BundleError, load_bundle
+from plcsense.models.bundle import Bundle, BundleError, bundle_digest, load_bundle
 from plcsense.models.inputs import InputError
+from plcsense.worker import repository
 from plcsense.worker.batching import MicroBatcher
 from plcsense.worker.decoders import Decoded, Decoder, Lifecycle, make_decoder
 from plcsense.worker.documents import ErrorDocument, ModelRef, Ranked, ResultDocument
@@ -48,6 +52,8 @@ class Inbound:
     decoded: Decoded | None = None
     decoding: Future[Answer | None] | None = None
     """Image routes: the decode running off the network thread (an error answer, or None once decoded)."""
+    serving: Serving | None = None
+    """The model version this input was taken for: a swap between two batches never mixes versions in one."""
 
 
 @dataclass(slots=True)
@@ -72,21 +78,52 @@ NOTHING_OWED: Final = _NothingOwed()
 Outcome = Answer | _NothingOwed
 
 
+@dataclass(eq=False)
+class Serving:
+    """One loaded, verified model version with its decoder and windows; replaced whole, never edited."""
+
+    bundle: Bundle
+    decoder: Decoder
+    windows: WindowStore | None
+    stale_devices: set[str] = field(default_factory=set)
+    """Devices whose window belonged to a version with another input spec: their next reading restarts it."""
+
+    @property
+    def version(self) -> str:
+        return self.bundle.manifest.version
+
+
 @dataclass
 class Route:
     settings: RouteSettings
     metrics: RouteMetrics
     filter: TopicFilter = field(init=False)
-    bundle: Bundle | None = None
+    serving: Serving | None = None
+    candidate: Serving | None = None
+    """A version tried beside the serving one (``candidate_mode``: shadow or canary)."""
+    policy: str = "latest"
+    """The version policy in force: the setting's, until a promote or rollback pins another."""
     load_error: str | None = None
-    decoder: Decoder | None = None
-    windows: WindowStore | None = None
+    refused: set[Path] = field(default_factory=set)
+    """Version directories that failed a check: not retried (and not logged again) on every poll."""
     batcher: MicroBatcher[Inbound] | None = field(default=None, repr=False)
     decode_pool: ThreadPoolExecutor | None = field(default=None, repr=False)
     """Image routes decode off the MQTT network thread, on a bounded pool."""
 
     def __post_init__(self) -> None:
         self.filter = TopicFilter(self.settings.topic)
+        self.policy = self.settings.version
+
+    @property
+    def bundle(self) -> Bundle | None:
+        return self.serving.bundle if self.serving else None
+
+    def serving_for(self, topic: str) -> Serving | None:
+        """The candidate for the canary share of devices (sticky: a device's readings stay on one model)."""
+        canary = self.candidate is not None and self.settings.candidate_mode == "canary"
+        if canary and zlib.crc32(topic.encode()) % 10_000 < self.settings.canary_percent * 100:
+            return self.candidate
+        return self.serving
 
     @property
     def name(self) -> str:
@@ -124,62 +161,168 @@ class Pipeline:
             for t in (route.settings.result_topic, route.settings.error_topic)
         ]
         self._status = TopicFilter("plcsense/+/status")
+        self._control_replies = TopicFilter("plcsense/+/control/reply")
+        self._reload_lock = threading.Lock()
         self._warnings = RateLimitedLog(log)
 
     # ----------------------------------------------------------------- models
     def load_models(self) -> None:
+        """Load every route's model (and candidate), start its batcher; a broken one takes only its route down."""
         for route in self.routes:
-            self._load(route)
+            self._refresh(route)
+            if route.settings.encoding == "image":
+                route.decode_pool = ThreadPoolExecutor(
+                    route.settings.decode_threads, thread_name_prefix=f"decode-{route.name}"
+                )
+            r = route.settings
+            route.batcher = MicroBatcher(route.name, self._run_batch, r.max_batch, r.max_wait_ms / 1000)
 
-    def _load(self, route: Route) -> None:
+    def reload(self) -> None:
+        """Look for new versions (poll, SIGHUP, control message): load and check each beside the old one and swap
+        it in between two batches; a version that fails a check is refused and the old one keeps serving."""
+        with self._reload_lock:
+            for route in self.routes:
+                self._refresh(route)
+
+    def promote(self, name: str) -> str:
+        """The candidate becomes the serving version (pinned), and the candidate slot empties."""
+        route = self._named(name)
+        if route.candidate is None:
+            raise ValueError(f"route {name} has no candidate to promote")
+        with self._reload_lock:
+            route.policy = route.candidate.version
+            self._swap(route, route.candidate)
+            route.candidate = None
+        log.warning("route %s: promoted version %s", name, route.policy)
+        return route.policy
+
+    def rollback(self, name: str) -> str:
+        """Back to the version before the serving one (pinned), dropping any candidate."""
+        route = self._named(name)
+        current = route.serving.version if route.serving else None
+        older = repository.previous(route.settings.model, current) if current else None
+        if older is None:
+            raise ValueError(f"route {name}: no version before {current} in {route.settings.model}")
+        with self._reload_lock:
+            route.policy = older
+            route.candidate = None
+            self._refresh(route)
+        log.warning("route %s: rolled back from %s to %s", name, current, older)
+        return older
+
+    def _named(self, name: str) -> Route:
+        for route in self.routes:
+            if route.name == name:
+                return route
+        raise ValueError(f"no route {name!r}")
+
+    def _refresh(self, route: Route) -> None:
         r = route.settings
+        serving = self._version(route, route.policy, route.serving, pin=r.model_digest)
+        if serving is not None and serving is not route.serving:
+            self._swap(route, serving)
+        if r.candidate is not None and route.policy == r.version:
+            route.candidate = self._version(route, r.candidate, route.candidate, candidate=True)
+
+    def _version(
+        self, route: Route, policy: str, current: Serving | None, *, pin: str | None = None, candidate: bool = False
+    ) -> Serving | None:
+        """``current`` when the policy still picks it, a newly loaded version, or ``current`` again when the new
+        one is refused (None only when nothing could ever be loaded)."""
+        r, what = route.settings, "candidate" if candidate else "model"
         try:
-            bundle = load_bundle(r.model, expect_digest=r.model_digest)
+            path = repository.resolve(r.model, policy)
         except BundleError as exc:
-            route.load_error = str(exc)
-            log.error("route %s: %s; its messages get a model_unavailable error", route.name, exc)
-            return
-        manifest, spec = bundle.manifest, bundle.manifest.input
-        if (r.encoding == "image") != (spec.kind == "image"):
-            route.load_error = (
-                f"encoding {r.encoding} does not fit the model, which takes "
-                f"{'images' if spec.kind == 'image' else 'sensor windows'}"
-            )
-            log.error("route %s: %s", route.name, route.load_error)
-            return
-        if self.settings.mqtt.shared_group and spec.kind == "sensor" and spec.window > 1 and not r.full_windows:
-            route.load_error = (
-                f"mqtt.shared_group {self.settings.mqtt.shared_group!r} would split each device's readings between "
-                "workers, so sliding windows would skip readings and score wrong; give this route workers of its own "
-                "without shared_group (split devices by topic filter), or set full_windows: true if every message "
-                "carries a whole window"
-            )
-            log.error("route %s: %s", route.name, route.load_error)
-            return
-        route.bundle = bundle
-        route.decoder = make_decoder(manifest, r)
-        if spec.kind == "sensor":
-            route.windows = WindowStore(
-                spec.window,
-                len(spec.channels),
-                stride=r.window_stride,
-                max_gap_s=r.max_gap_s,
-                max_devices=r.max_devices,
-                on_evict=route.metrics.evictions.inc,
-            )
-        else:
-            route.decode_pool = ThreadPoolExecutor(r.decode_threads, thread_name_prefix=f"decode-{route.name}")
-        route.batcher = MicroBatcher(route.name, self._run_batch, r.max_batch, r.max_wait_ms / 1000)
-        self.metrics.model_info.labels(route.name, manifest.name, manifest.version).set(1)
+            return self._refused(route, current, str(exc), what)
+        if current is not None and current.bundle.path == path and current.bundle.digest == bundle_digest(path):
+            return current
+        if path in route.refused:
+            return current
+        try:
+            bundle = load_bundle(path, expect_digest=pin)
+            self._check_fits(route, bundle)
+        except BundleError as exc:
+            route.refused.add(path)
+            self.metrics.model_loads.labels(route.name, "refused").inc()
+            return self._refused(route, current, str(exc), what)
+        self.metrics.model_loads.labels(route.name, "loaded").inc()
+        base = route.serving if candidate else current
+        if candidate and base is not None and base.bundle.manifest.input != bundle.manifest.input:
+            self.metrics.model_loads.labels(route.name, "refused").inc()
+            route.refused.add(path)
+            return self._refused(route, current, f"candidate {path} takes another input than the serving model", what)
+        manifest = bundle.manifest
         log.info(
-            "route %s: %s v%s (%s, %s) on %s",
+            "route %s: %s %s v%s (%s, %s) on %s",
             route.name,
+            what,
             manifest.name,
             manifest.version,
             manifest.task,
             bundle.digest,
             r.topic,
         )
+        return Serving(bundle, make_decoder(manifest, r), self._windows(route, bundle, base))
+
+    def _refused(self, route: Route, current: Serving | None, why: str, what: str) -> Serving | None:
+        if current is None and what == "model":
+            route.load_error = why
+            log.error("route %s: %s; its messages get a model_unavailable error", route.name, why)
+        else:
+            self._warnings.log(
+                logging.ERROR,
+                f"refused:{route.name}:{why}",
+                "route %s: %s refused, the old one keeps serving: %s",
+                route.name,
+                what,
+                why,
+            )
+        return current
+
+    def _check_fits(self, route: Route, bundle: Bundle) -> None:
+        r, spec = route.settings, bundle.manifest.input
+        if (r.encoding == "image") != (spec.kind == "image"):
+            raise BundleError(
+                f"encoding {r.encoding} does not fit the model, which takes "
+                f"{'images' if spec.kind == 'image' else 'sensor windows'}"
+            )
+        if self.settings.mqtt.shared_group and spec.kind == "sensor" and spec.window > 1 and not r.full_windows:
+            raise BundleError(
+                f"mqtt.shared_group {self.settings.mqtt.shared_group!r} would split each device's readings between "
+                "workers, so sliding windows would skip readings and score wrong; give this route workers of its own "
+                "without shared_group (split devices by topic filter), or set full_windows: true if every message "
+                "carries a whole window"
+            )
+
+    def _windows(self, route: Route, bundle: Bundle, old: Serving | None) -> WindowStore | None:
+        """Windows survive a new version with the same input spec; with another spec they restart."""
+        spec, r = bundle.manifest.input, route.settings
+        if spec.kind != "sensor":
+            return None
+        if old is not None and old.windows is not None and old.bundle.manifest.input == spec:
+            return old.windows
+        return WindowStore(
+            spec.window,
+            len(spec.channels),
+            stride=r.window_stride,
+            max_gap_s=r.max_gap_s,
+            max_devices=r.max_devices,
+            on_evict=route.metrics.evictions.inc,
+        )
+
+    def _swap(self, route: Route, serving: Serving) -> None:
+        old = route.serving
+        if old is not None and old.windows is not None and serving.windows is not old.windows:
+            serving.stale_devices.update(old.windows.devices())
+        route.serving = serving  # one assignment: inputs taken from now on carry the new version
+        route.load_error = None
+        manifest = serving.bundle.manifest
+        if old is not None:
+            self.metrics.model_info.remove(route.name, old.bundle.manifest.name, old.version)
+            log.warning(
+                "route %s: now serving %s v%s (was v%s)", route.name, manifest.name, manifest.version, old.version
+            )
+        self.metrics.model_info.labels(route.name, manifest.name, manifest.version).set(1)
 
     def close(self, timeout: float = 5.0) -> None:
         for route in self.routes:
@@ -190,7 +333,7 @@ class Pipeline:
 
     @property
     def broken_routes(self) -> list[str]:
-        return [f"{r.name}: {r.load_error}" for r in self.routes if r.bundle is None]
+        return [f"{r.name}: {r.load_error}" for r in self.routes if r.serving is None]
 
     # ----------------------------------------------------------------- routing
     def route_for(self, topic: str) -> Route | None:
@@ -203,7 +346,11 @@ class Pipeline:
         return None
 
     def _is_output(self, topic: str) -> bool:
-        if topic == self.settings.mqtt.status_topic or self._status.matches(topic):
+        if (
+            topic == self.settings.mqtt.status_topic
+            or self._status.matches(topic)
+            or self._control_replies.matches(topic)
+        ):
             return True
         for route_filter, pattern in self._output_patterns:
             match = pattern.match(topic)
@@ -223,7 +370,8 @@ class Pipeline:
                 raise InputError(
                     ErrorCode.PAYLOAD_TOO_LARGE, f"payload is {len(inbound.payload)} bytes, limit is {limit}"
                 )
-            if route.bundle is None:
+            inbound.serving = route.serving_for(inbound.topic)
+            if inbound.serving is None:
                 raise InputError(ErrorCode.MODEL_UNAVAILABLE, route.load_error or "model not loaded")
             if route.decode_pool is not None:  # decoded in parallel, answered in arrival order by the batcher
                 assert route.batcher is not None
@@ -238,10 +386,10 @@ class Pipeline:
             return self.error(inbound, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
     def _decode_image(self, inbound: Inbound) -> Answer | None:
-        route = inbound.route
-        assert route is not None and route.decoder is not None
+        route, serving = inbound.route, inbound.serving
+        assert route is not None and serving is not None
         try:
-            decoded = route.decoder.decode(inbound.topic, inbound.payload)
+            decoded = serving.decoder.decode(inbound.topic, inbound.payload)
             assert isinstance(decoded, Decoded)
             inbound.decoded = decoded
             return None
@@ -252,21 +400,29 @@ class Pipeline:
             return self.error(inbound, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
     def _decode_and_queue(self, inbound: Inbound) -> Outcome | None:
-        route = inbound.route
-        assert route is not None and route.decoder is not None and route.batcher is not None
-        decoded = route.decoder.decode(inbound.topic, inbound.payload)
+        route, serving = inbound.route, inbound.serving
+        assert route is not None and serving is not None and route.batcher is not None
+        decoded = serving.decoder.decode(inbound.topic, inbound.payload)
+        windows = serving.windows
         if isinstance(decoded, Lifecycle):
-            if decoded.forget and route.windows is not None:
-                route.windows.forget(decoded.forget)
+            if decoded.forget and windows is not None:
+                windows.forget(decoded.forget)
             return NOTHING_OWED
         inbound.decoded = decoded
         if decoded.is_reading:
-            assert route.windows is not None
+            assert windows is not None
             if route.settings.full_windows:
-                shape = list(route.bundle.manifest.input.shape)  # type: ignore[union-attr]
+                shape = list(serving.bundle.manifest.input.shape)
                 raise InputError(ErrorCode.BAD_SHAPE, f"route takes whole windows of shape {shape} (full_windows)")
-            pushed = route.windows.push(decoded.device or inbound.topic, decoded.array, reading_time(decoded.ts))
-            route.metrics.windows.set(len(route.windows))
+            device = decoded.device or inbound.topic
+            pushed = windows.push(device, decoded.array, reading_time(decoded.ts))
+            route.metrics.windows.set(len(windows))
+            if device in serving.stale_devices:
+                serving.stale_devices.discard(device)
+                raise InputError(
+                    ErrorCode.WINDOW_RESET,
+                    f"model v{serving.version} takes another input than the version before; the window restarts",
+                )
             if pushed.gap_s is not None:
                 raise InputError(
                     ErrorCode.WINDOW_RESET,
@@ -284,24 +440,25 @@ class Pipeline:
         """Run the decoded inputs of ``batch`` in one invoke; answer all of them in arrival order."""
         answers: list[Answer | None] = [i.decoding.result() if i.decoding else None for i in batch]
         ready = [k for k, answer in enumerate(answers) if answer is None]
-        if ready:
-            for k, answer in zip(ready, self._infer([batch[k] for k in ready]), strict=True):
+        for serving in dict.fromkeys(batch[k].serving for k in ready):  # versions in arrival order
+            group = [k for k in ready if batch[k].serving is serving]
+            for k, answer in zip(group, self._infer([batch[k] for k in group]), strict=True):
                 answers[k] = answer
         for inbound, answer in zip(batch, answers, strict=True):
             assert answer is not None
             self._on_answer(inbound, answer)
 
     def _infer(self, batch: list[Inbound]) -> list[Answer]:
-        route = batch[0].route
-        assert route is not None and route.bundle is not None
-        bundle = route.bundle
+        route, serving = batch[0].route, batch[0].serving
+        assert route is not None and serving is not None
+        bundle = serving.bundle
         try:
             inputs = np.stack([i.decoded.array for i in batch])  # type: ignore[union-attr]
-            started = time.perf_counter()
-            outputs = bundle.model.predict(inputs)
-            labels = (route.name, bundle.manifest.name, bundle.manifest.version)
-            self.metrics.inference.labels(*labels).observe(time.perf_counter() - started)
-            self.metrics.batch_size.labels(*labels).observe(len(batch))
+            outputs = self._predict(route, bundle, inputs)
+            if serving is route.candidate:
+                self.metrics.canary_inputs.labels(route.name, serving.version).inc(len(batch))
+            if route.candidate is not None and route.settings.candidate_mode == "shadow" and serving is route.serving:
+                self._shadow(route, route.candidate, inputs, outputs)
         except Exception as exc:
             log.exception("inference failed for %s", bundle.label)
             return [self.error(i, ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}") for i in batch]
@@ -313,6 +470,36 @@ class Pipeline:
                 log.exception("cannot build a result for %s", inbound.topic)
                 answers.append(self.error(inbound, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
         return answers
+
+    def _predict(self, route: Route, bundle: Bundle, inputs: np.ndarray) -> np.ndarray:
+        started = time.perf_counter()
+        outputs = bundle.model.predict(inputs)
+        labels = (route.name, bundle.manifest.name, bundle.manifest.version)
+        self.metrics.inference.labels(*labels).observe(time.perf_counter() - started)
+        self.metrics.batch_size.labels(*labels).observe(len(inputs))
+        return outputs
+
+    def _shadow(self, route: Route, candidate: Serving, inputs: np.ndarray, served: np.ndarray) -> None:
+        """The candidate answers the same inputs for the metrics only: agreement, score difference, latency."""
+        try:
+            tried = self._predict(route, candidate.bundle, inputs)
+        except Exception:
+            self._warnings.log(logging.ERROR, f"shadow:{route.name}", "route %s: shadow candidate failed", route.name)
+            return
+        manifest = candidate.bundle.manifest
+        if manifest.task == "classification":
+            agree = np.argmax(tried, axis=1) == np.argmax(served, axis=1)
+            diff = np.abs(np.max(tried, axis=1) - np.max(served, axis=1))
+        else:
+            assert manifest.threshold is not None and route.bundle is not None
+            old = route.bundle.manifest.threshold
+            agree = (tried.mean(axis=1) > manifest.threshold) == (served.mean(axis=1) > old)
+            diff = np.abs(tried.mean(axis=1) - served.mean(axis=1))
+        m = self.metrics
+        m.shadow_inputs.labels(route.name, manifest.version).inc(len(agree))
+        m.shadow_agreements.labels(route.name, manifest.version).inc(int(agree.sum()))
+        for d in diff:
+            m.shadow_score_difference.labels(route.name, manifest.version).observe(float(d))
 
     def result(self, inbound: Inbound, bundle: Bundle, output: np.ndarray) -> Answer:
         route, decoded, manifest = inbound.route, inbound.decoded, bundle.manifest

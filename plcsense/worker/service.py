@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 from http.server import ThreadingHTTPServer
+from typing import Any
 
 from plcsense.worker.metrics import Metrics, serve_http
 from plcsense.worker.pipeline import Answer, Inbound, Pipeline
@@ -19,8 +22,41 @@ class Worker:
         self.settings = settings
         self.metrics = Metrics()
         self.pipeline = Pipeline(settings, self.metrics, self._answer)
-        self.transport = Transport(settings.mqtt, self.metrics, self.pipeline)
+        control = self.control if settings.models.control else None
+        self.transport = Transport(settings.mqtt, self.metrics, self.pipeline, control)
         self._http: ThreadingHTTPServer | None = None
+        self._stopping = threading.Event()
+        self._poller: threading.Thread | None = None
+
+    def control(self, payload: bytes) -> dict[str, Any]:
+        """One command from the control topic: ``{"command": "reload" | "promote" | "rollback", "route": ...}``."""
+        try:
+            doc = json.loads(payload)
+            command, route = doc["command"], doc.get("route")
+            if command == "reload":
+                self.pipeline.reload()
+                detail = "reloaded"
+            elif command == "promote":
+                detail = f"serving version {self.pipeline.promote(route)}"
+            elif command == "rollback":
+                detail = f"serving version {self.pipeline.rollback(route)}"
+            else:
+                raise ValueError(f"unknown command {command!r}; use reload, promote or rollback")
+        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            log.warning("control: refused %r: %s", payload[:200], exc)
+            return {"ok": False, "detail": str(exc)}
+        log.warning("control: %s", detail)
+        return {"ok": True, "command": command, "route": route, "detail": detail}
+
+    def reload(self) -> None:
+        self.pipeline.reload()
+
+    def _poll(self, every_s: float) -> None:
+        while not self._stopping.wait(every_s):
+            try:
+                self.pipeline.reload()
+            except Exception:  # the next poll tries again; serving goes on with what it has
+                log.exception("model repository poll failed")
 
     def _answer(self, inbound: Inbound, answer: Answer) -> None:
         self.transport.settle(inbound, answer)
@@ -45,9 +81,15 @@ class Worker:
             self._http = serve_http(m.host, m.port, self.metrics, self.ready, self.healthy)
             log.info("metrics on http://%s:%d/metrics", m.host, m.port)
         self.transport.start()
+        if self.settings.models.poll_s:
+            self._poller = threading.Thread(
+                target=self._poll, args=(self.settings.models.poll_s,), name="model-poll", daemon=True
+            )
+            self._poller.start()
 
     def stop(self, timeout: float = 20.0) -> bool:
         """Stop taking messages, answer what is in flight, go offline. Returns False if the drain timed out."""
+        self._stopping.set()
         drained = self.transport.stop(timeout)
         self.pipeline.close(timeout=5)
         if self._http:

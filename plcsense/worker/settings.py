@@ -69,6 +69,10 @@ class MqttSettings(_Section):
     def status_topic(self) -> str:
         return f"{self.topic_prefix or 'plcsense/' + self.client_id}/status"
 
+    @property
+    def control_topic(self) -> str:
+        return f"{self.topic_prefix or 'plcsense/' + self.client_id}/control"
+
     @model_validator(mode="after")
     def _consistent(self) -> MqttSettings:
         parts = urlsplit(self.url)
@@ -87,6 +91,15 @@ class MqttSettings(_Section):
         return self
 
 
+class ModelsSettings(_Section):
+    poll_s: float = Field(10.0, ge=0)
+    """How often routes look for new versions in their repository entries; 0: only on SIGHUP or a control
+    message."""
+    control: bool = True
+    """Take commands (``reload``, ``promote``, ``rollback``) on ``<prefix>/control``: whoever the broker's ACL lets
+    write that topic controls the worker's models, so grant it to operators only."""
+
+
 class MetricsSettings(_Section):
     host: str = "0.0.0.0"
     port: int = Field(9108, ge=0, le=65535)
@@ -98,7 +111,16 @@ class RouteSettings(_Section):
     topic: str = Field(min_length=1)
     """MQTT topic filter, ``+`` and ``#`` allowed."""
     model: Path
-    """A bundle directory (relative paths resolve against the working directory, then the config file)."""
+    """A bundle directory, or a model repository entry ``<repo>/<name>`` whose subfolders are versions, each a
+    bundle (relative paths resolve against the working directory, then the config file)."""
+    version: str = Field("latest", min_length=1)
+    """Repository entries: ``latest`` (the highest version, picked up while serving) or a pinned version."""
+    candidate: str | None = None
+    """Repository entries: a version to try beside the serving one (``latest`` follows new versions)."""
+    candidate_mode: Literal["shadow", "canary"] = "shadow"
+    """``shadow``: the candidate answers every input for the metrics only; ``canary``: it answers for real for
+    ``canary_percent`` of devices (by topic, so a device stays on one model)."""
+    canary_percent: float = Field(10.0, ge=0, le=100)
     model_digest: str | None = Field(None, pattern=r"^sha256:[0-9a-f]{64}$")
     """Pin the bundle: ``sha256:...`` as ``plcsense`` printed at export (``bundle.sha256``); any other bundle at
     ``model``, or an edited one, is refused and the route answers ``model_unavailable``."""
@@ -161,6 +183,7 @@ class Settings(BaseSettings):
 
     mqtt: MqttSettings = MqttSettings()
     metrics: MetricsSettings = MetricsSettings()
+    models: ModelsSettings = ModelsSettings()
     routes: list[RouteSettings] = Field(min_length=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"

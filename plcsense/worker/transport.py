@@ -13,11 +13,13 @@ inputs the intake is not reading, so the wait cannot deadlock and the bound hold
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,8 +90,15 @@ def connect_failure(exc: BaseException | None, s: MqttSettings) -> tuple[str, st
 
 
 class Transport:
-    def __init__(self, settings: MqttSettings, metrics: Metrics, pipeline: Pipeline) -> None:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        metrics: Metrics,
+        pipeline: Pipeline,
+        control: Callable[[bytes], dict[str, Any]] | None = None,
+    ) -> None:
         self.settings = settings
+        self._control = control
         self.metrics = metrics
         self.pipeline = pipeline
         self._lock = threading.Lock()
@@ -246,6 +255,9 @@ class Transport:
             else:
                 _, mid = client.subscribe(topic, qos=route.settings.qos)
             self._subscriptions[mid] = topic
+        if self._control is not None:
+            _, mid = client.subscribe(s.control_topic, qos=1)
+            self._subscriptions[mid] = s.control_topic
         client.publish(s.status_topic, "online", qos=1, retain=True)
         self._connected.set()
         self.metrics.connected.set(int(self._answers_connected.is_set()))
@@ -306,6 +318,11 @@ class Transport:
         )
 
     def _take(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
+        if self._control is not None and msg.topic == self.settings.control_topic:
+            reply = self._control(msg.payload)
+            self.answers.publish(f"{msg.topic}/reply", json.dumps(reply), qos=1)
+            client.ack(msg.mid, msg.qos)
+            return
         route = self.pipeline.route_for(msg.topic)
         if route is None:  # an answer or status topic (ours or a sibling's): acknowledge and ignore
             self.metrics.ignored.labels("output_topic").inc()

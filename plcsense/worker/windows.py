@@ -70,6 +70,9 @@ class WindowStore:
     def __len__(self) -> int:
         return len(self._devices)
 
+    def devices(self) -> list[str]:
+        return list(self._devices)
+
     def forget(self, prefix: str) -> None:
         """Drop the windows of ``prefix`` and of every device below it (``prefix/...``)."""
         for key in [k for k in self._devices if k == prefix or k.startswith(prefix + "/")]:
