@@ -21,7 +21,7 @@ from typing import Any, Final
 import numpy as np
 
 from plcsense.errors import ErrorCode
-from plcsense.models.bundle import Bundle, BundleError, bundle_digest, load_bundle
+from plcsense.models.bundle import Bundle, BundleError, SensorSpec, bundle_digest, load_bundle
 from plcsense.models.inputs import InputError
 from plcsense.worker import repository
 from plcsense.worker.batching import MicroBatcher
@@ -103,6 +103,8 @@ class Route:
     """A version tried beside the serving one (``candidate_mode``: shadow or canary)."""
     policy: str = "latest"
     """The version policy in force: the setting's, until a promote or rollback pins another."""
+    candidate_policy: str | None = None
+    """The candidate's version policy: the setting's, until a promote or rollback ends the trial."""
     load_error: str | None = None
     refused: set[Path] = field(default_factory=set)
     """Version directories that failed a check: not retried (and not logged again) on every poll."""
@@ -113,6 +115,7 @@ class Route:
     def __post_init__(self) -> None:
         self.filter = TopicFilter(self.settings.topic)
         self.policy = self.settings.version
+        self.candidate_policy = self.settings.candidate
 
     @property
     def bundle(self) -> Bundle | None:
@@ -147,6 +150,14 @@ def _template_regex(template: str, route: str) -> re.Pattern[str]:
         else:
             pattern += re.escape(route) if part == "{route}" else re.escape(part)
     return re.compile(pattern + r"\Z")
+
+
+def _same_input(a: Bundle, b: Bundle) -> bool:
+    """Whether one decoded input (and one device's window) fits both models; normalisation lives in the graph."""
+    x, y = a.manifest.input, b.manifest.input
+    if isinstance(x, SensorSpec) and isinstance(y, SensorSpec):
+        return x.channels == y.channels and x.window == y.window
+    return x == y
 
 
 class Pipeline:
@@ -192,7 +203,7 @@ class Pipeline:
         with self._reload_lock:
             route.policy = route.candidate.version
             self._swap(route, route.candidate)
-            route.candidate = None
+            route.candidate = route.candidate_policy = None
         log.warning("route %s: promoted version %s", name, route.policy)
         return route.policy
 
@@ -205,7 +216,7 @@ class Pipeline:
             raise ValueError(f"route {name}: no version before {current} in {route.settings.model}")
         with self._reload_lock:
             route.policy = older
-            route.candidate = None
+            route.candidate = route.candidate_policy = None
             self._refresh(route)
         log.warning("route %s: rolled back from %s to %s", name, current, older)
         return older
@@ -221,8 +232,8 @@ class Pipeline:
         serving = self._version(route, route.policy, route.serving, pin=r.model_digest)
         if serving is not None and serving is not route.serving:
             self._swap(route, serving)
-        if r.candidate is not None and route.policy == r.version:
-            route.candidate = self._version(route, r.candidate, route.candidate, candidate=True)
+        if route.candidate_policy is not None:
+            route.candidate = self._version(route, route.candidate_policy, route.candidate, candidate=True)
 
     def _version(
         self, route: Route, policy: str, current: Serving | None, *, pin: str | None = None, candidate: bool = False
@@ -247,7 +258,7 @@ class Pipeline:
             return self._refused(route, current, str(exc), what)
         self.metrics.model_loads.labels(route.name, "loaded").inc()
         base = route.serving if candidate else current
-        if candidate and base is not None and base.bundle.manifest.input != bundle.manifest.input:
+        if candidate and base is not None and not _same_input(base.bundle, bundle):
             self.metrics.model_loads.labels(route.name, "refused").inc()
             route.refused.add(path)
             return self._refused(route, current, f"candidate {path} takes another input than the serving model", what)
@@ -299,7 +310,7 @@ class Pipeline:
         spec, r = bundle.manifest.input, route.settings
         if spec.kind != "sensor":
             return None
-        if old is not None and old.windows is not None and old.bundle.manifest.input == spec:
+        if old is not None and old.windows is not None and _same_input(old.bundle, bundle):
             return old.windows
         return WindowStore(
             spec.window,

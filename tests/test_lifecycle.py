@@ -1,0 +1,239 @@
+"""Model lifecycle: a repository of versions, hot swap without a lost input, refused versions, shadow, canary,
+promote and rollback, against a real Mosquitto."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from plcsense.models.bundle import read_manifest, write_manifest
+from plcsense.worker.metrics import Metrics
+from plcsense.worker.pipeline import Answer, Inbound, Pipeline
+from plcsense.worker.settings import Settings
+from tests.conftest import WINDOW, Collector, mqtt_client, publish_all, write_sensor_csv
+from tests.test_worker import readings
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Sensor bundles of the same model: v1, v2 (another fit), and v3 taking a longer window."""
+    from plcsense.training.sensors import SensorTrainConfig, train_sensor_anomaly
+
+    root = tmp_path_factory.mktemp("versions")
+    write_sensor_csv(root / "a.csv", seed=0)
+    write_sensor_csv(root / "b.csv", seed=5)
+    made = {}
+    for version, csv, window in (("1", "a.csv", WINDOW), ("2", "b.csv", WINDOW), ("3", "a.csv", WINDOW + 10)):
+        made[version] = root / f"v{version}"
+        cfg = SensorTrainConfig(window=window, name="pump", version=version)
+        train_sensor_anomaly([root / csv], made[version], cfg)
+    return made
+
+
+def start_with(worker, **top: object):
+    """Start ``worker`` with top-level settings added to its config (run_worker's keywords go to ``mqtt``)."""
+    worker.config.write_text(json.dumps({**json.loads(worker.config.read_text()), **top}))
+    return worker.start()
+
+
+def publish_version(repo: Path, bundle: Path, version: str) -> None:
+    """How an operator (or an init container) rolls out: copy beside, then rename into place in one step."""
+    staging = repo / f".{version}.partial"
+    shutil.copytree(bundle, staging)
+    staging.rename(repo / version)
+
+
+def route(repo: Path, **extra: object) -> dict:
+    return {"name": "pump", "topic": "plant/+/pump", "model": str(repo), "encoding": "json", **extra}
+
+
+def window_doc(i: int | str, shift: float = 0.0) -> str:
+    return json.dumps({"id": str(i), "data": (np.asarray(readings(WINDOW)) + shift).tolist()})
+
+
+def test_hot_swap_under_load_with_three_workers(tmp_path, broker, versions, run_worker, collectors):
+    repo = tmp_path / "repo" / "pump"
+    repo.mkdir(parents=True)
+    publish_version(repo, versions["1"], "1")
+    poll_s = 0.5
+    r = route(repo, full_windows=True)
+    workers = [
+        start_with(
+            run_worker(broker, [r], start=False, client_id=f"site-w{i}", shared_group="pumps"),
+            models={"poll_s": poll_s},
+        )
+        for i in range(3)
+    ]
+    out = Collector(broker, "plant/+/pump/+")
+    collectors.append(out)
+    total, rate = 1500, 400.0
+    sent_at: dict[str, float] = {}
+    swapped_at: list[float] = []
+
+    def publish() -> None:
+        client = mqtt_client(broker)
+        start = time.monotonic()
+        for i in range(total):
+            time.sleep(max(0.0, start + i / rate - time.monotonic()))
+            if i == total // 2:
+                publish_version(repo, versions["2"], "2")
+                swapped_at.append(time.monotonic())
+            sent_at[str(i)] = time.monotonic()
+            client.publish(f"plant/d{i % 10}/pump", window_doc(i), qos=1)
+        client.disconnect()
+
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    publisher.join()
+    assert out.wait_for_ids([str(i) for i in range(total)], timeout=60)
+    answers = out.answers.by_id
+    assert not out.json("/error"), out.json("/error")[:3]
+    version = {i: answers[i].doc["model"]["version"] for i in answers}
+    assert {version[str(i)] for i in range(total // 2 - 50)} == {"1"}
+    late = [i for i, t in sent_at.items() if t > swapped_at[0] + poll_s + 0.5]
+    assert late and {version[i] for i in late} == {"2"}, "every worker switched within one poll"
+    for w in workers:
+        assert w.metric("plcsense_model_info", route="pump", model="pump", version="2") == 1
+        assert w.metric("plcsense_model_info", route="pump", model="pump", version="1") == 0
+        assert w.metric("plcsense_model_loads_total", route="pump", outcome="loaded") == 2
+
+
+def _seal_edit(bundle: Path, edit) -> None:
+    manifest = read_manifest(bundle)
+    edit(bundle, manifest)
+    write_manifest(bundle, manifest)
+
+
+def _golden_that_fails(bundle: Path, manifest) -> None:
+    with np.load(bundle / "golden.npz") as golden:
+        inputs, outputs = golden["inputs"], golden["outputs"]
+    np.savez(bundle / "golden.npz", inputs=inputs, outputs=outputs + 1.0)
+
+
+def _wrong_input_shape(bundle: Path, manifest) -> None:
+    manifest.input.window = WINDOW + 5
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        lambda b: (b / "manifest.json").write_text(
+            (b / "manifest.json").read_text().replace('"threshold": ', '"threshold": 1')
+        ),
+        lambda b: _seal_edit(b, _golden_that_fails),
+        lambda b: _seal_edit(b, _wrong_input_shape),
+    ],
+    ids=["bad-checksum", "failing-golden", "wrong-input-shape"],
+)
+def test_broken_version_is_refused_and_the_old_keeps_serving(
+    tmp_path, broker, versions, run_worker, collectors, breakage
+):
+    repo = tmp_path / "repo" / "pump"
+    repo.mkdir(parents=True)
+    publish_version(repo, versions["1"], "1")
+    worker = start_with(run_worker(broker, [route(repo, full_windows=True)], start=False), models={"poll_s": 0.3})
+    out = Collector(broker, "plant/#")
+    collectors.append(out)
+    broken = tmp_path / "broken"
+    shutil.copytree(versions["2"], broken)
+    breakage(broken)
+    publish_version(repo, broken, "2")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not worker.metric(
+        "plcsense_model_loads_total", route="pump", outcome="refused"
+    ):
+        time.sleep(0.2)
+    assert worker.metric("plcsense_model_loads_total", route="pump", outcome="refused") == 1
+    publish_all(broker, "plant/d1/pump", [window_doc("after")])
+    assert out.wait_for_ids(["after"])
+    assert out.answers.by_id["after"].doc["model"]["version"] == "1"
+    assert worker.get("/readyz")[0] == 200
+    time.sleep(1)  # several polls: refused once, not again and again
+    assert worker.metric("plcsense_model_loads_total", route="pump", outcome="refused") == 1
+
+
+def test_shadow_candidate_reports_agreement_without_answering(tmp_path, broker, versions, run_worker, collectors):
+    repo = tmp_path / "repo" / "pump"
+    repo.mkdir(parents=True)
+    publish_version(repo, versions["1"], "1")
+    publish_version(repo, versions["2"], "2")
+    worker = run_worker(broker, [route(repo, version="1", candidate="2", full_windows=True)])
+    out = Collector(broker, "plant/#")
+    collectors.append(out)
+    publish_all(broker, "plant/d1/pump", [window_doc(i, shift=0.01 * i) for i in range(50)])
+    assert out.wait_for_ids([str(i) for i in range(50)])
+    assert {a.doc["model"]["version"] for a in out.answers.answers} == {"1"}
+    tried = worker.metric("plcsense_shadow_inputs_total", route="pump", version="2")
+    agreed = worker.metric("plcsense_shadow_agreements_total", route="pump", version="2")
+    assert tried == 50 and 0 <= agreed <= tried
+    assert worker.metric("plcsense_shadow_score_difference_count", route="pump", version="2") == 50
+    assert worker.metric("plcsense_inference_seconds_count", route="pump", model="pump", version="2") >= 1
+
+
+def test_canary_share_is_device_sticky_then_promote_and_rollback(tmp_path, broker, versions, run_worker, collectors):
+    repo = tmp_path / "repo" / "pump"
+    repo.mkdir(parents=True)
+    publish_version(repo, versions["1"], "1")
+    publish_version(repo, versions["2"], "2")
+    percent = 30
+    r = route(repo, version="1", candidate="2", candidate_mode="canary", canary_percent=percent, full_windows=True)
+    worker = run_worker(broker, [r], client_id="canary-worker")
+    out = Collector(broker, "plant/#")
+    collectors.append(out)
+    client = mqtt_client(broker)
+    n, devices = 2000, 400
+    for i in range(n):
+        client.publish(f"plant/d{i % devices}/pump", window_doc(i), qos=1)
+    assert out.wait_for_ids([str(i) for i in range(n)], timeout=60)
+    by_device: dict[str, set[str]] = {}
+    for answer in out.answers.answers:
+        by_device.setdefault(answer.doc["topic"], set()).add(answer.doc["model"]["version"])
+    assert all(len(v) == 1 for v in by_device.values()), "a device's readings stay on one model"
+    share = sum(a.doc["model"]["version"] == "2" for a in out.answers.answers) / n
+    assert abs(share - percent / 100) <= 0.05, share
+    assert worker.metric("plcsense_canary_inputs_total", route="pump", version="2") == round(share * n)
+
+    control = Collector(broker, "plcsense/canary-worker/control/reply")
+    collectors.append(control)
+    client.publish("plcsense/canary-worker/control", json.dumps({"command": "promote", "route": "pump"}), qos=1)
+    assert control.wait_for(1)[0]["ok"]
+    publish_all(broker, "plant/d1/pump", [window_doc("promoted")])
+    assert out.wait_for_ids(["promoted"]) and out.answers.by_id["promoted"].doc["model"]["version"] == "2"
+    client.publish("plcsense/canary-worker/control", json.dumps({"command": "rollback", "route": "pump"}), qos=1)
+    reply = control.wait_for(2)[-1]
+    assert reply["ok"] and "1" in reply["detail"]
+    publish_all(broker, "plant/d1/pump", [window_doc("rolled-back")])
+    assert out.wait_for_ids(["rolled-back"]) and out.answers.by_id["rolled-back"].doc["model"]["version"] == "1"
+    client.disconnect()
+
+
+def test_windows_survive_a_same_spec_swap_and_restart_on_another(tmp_path, versions):
+    repo = tmp_path / "repo" / "pump"
+    repo.mkdir(parents=True)
+    publish_version(repo, versions["1"], "1")
+    got: list[Answer] = []
+    pipeline = Pipeline(Settings(routes=[route(repo)], models={"poll_s": 0}), Metrics(), lambda i, a: got.append(a))
+    pipeline.load_models()
+    r = pipeline.routes[0]
+    rows = readings(WINDOW + 2)
+
+    def feed(row: list[float]):
+        return pipeline.handle(Inbound("plant/d1/pump", json.dumps(row).encode(), route=r))
+
+    for row in rows[: WINDOW - 1]:
+        feed(row)
+    publish_version(repo, versions["2"], "2")  # same input spec: the window carries over
+    pipeline.reload()
+    assert r.serving.version == "2"
+    assert feed(rows[WINDOW - 1]) is None  # completes the window begun under v1: on to inference
+    publish_version(repo, versions["3"], "3")  # longer window: a new input spec
+    pipeline.reload()
+    reset = feed(rows[WINDOW])
+    assert isinstance(reset, Answer) and json.loads(reset.body)["error"] == "window_reset"
+    pipeline.close()
