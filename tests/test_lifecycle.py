@@ -237,3 +237,49 @@ def test_windows_survive_a_same_spec_swap_and_restart_on_another(tmp_path, versi
     reset = feed(rows[WINDOW])
     assert isinstance(reset, Answer) and json.loads(reset.body)["error"] == "window_reset"
     pipeline.close()
+
+
+def test_capture_stays_bounded_and_trains_after_labelling(
+    tmp_path, broker, image_bundle, image_data, run_worker, collectors
+):
+    import hashlib
+
+    from plcsense.training.images import ImageTrainConfig, train_images
+
+    captured = tmp_path / "captured"
+    capture = {"dir": str(captured), "max_files": 30, "sample_percent": 100}
+    worker = run_worker(
+        broker,
+        [{"name": "cam", "topic": "line/+/cam", "model": str(image_bundle), "encoding": "image", "capture": capture}],
+    )
+    out = Collector(broker, "line/#")
+    collectors.append(out)
+    truth: dict[str, str] = {}
+    per_class = [sorted((image_data / c).glob("*.png")) for c in sorted(p.name for p in image_data.iterdir())]
+    images = [files[i] for i in range(min(map(len, per_class))) for files in per_class]  # classes take turns
+    payloads = []
+    for path in images:
+        data = path.read_bytes()
+        truth[hashlib.sha256(data).hexdigest()] = path.parent.name
+        payloads.append(data)
+    publish_all(broker, "line/1/cam", payloads)
+    assert len(out.wait(len(payloads), "/result", timeout=60)) == len(payloads)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and worker.metric("plcsense_captures_total", route="cam", outcome="written") < 30:
+        time.sleep(0.1)
+    files = [p for p in captured.rglob("*.png")]
+    assert len(files) == 30, "within max_files under a sustained stream"
+    assert worker.metric("plcsense_captures_total", route="cam", outcome="full") == len(payloads) - 30
+    assert len((captured / "results.jsonl").read_text().splitlines()) == 30
+
+    labelled = tmp_path / "labelled"  # the engineer's step: each file into the folder of its true class
+    for f in files:
+        target = labelled / truth[hashlib.sha256(f.read_bytes()).hexdigest()]
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, target / f.name)
+    bundle = train_images(
+        labelled,
+        tmp_path / "retrained",
+        ImageTrainConfig(arch="scratch", image_size=16, epochs=2, batch_size=8, augment=None),
+    )
+    assert sorted(bundle.manifest.labels) == sorted(p.name for p in image_data.iterdir())

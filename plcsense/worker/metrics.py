@@ -112,6 +112,12 @@ class Metrics:
             buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
             registry=r,
         )
+        self.captures = Counter(
+            "plcsense_captures",
+            "Inputs offered to capture, by outcome (written, full, dropped)",
+            ["route", "outcome"],
+            registry=r,
+        )
         self.canary_inputs = Counter(
             "plcsense_canary_inputs", "Inputs answered by a canary candidate", ["route", "version"], registry=r
         )

@@ -7,6 +7,7 @@ when the input went on to inference; its answer then arrives through the ``on_an
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -25,6 +26,7 @@ from plcsense.models.bundle import Bundle, BundleError, SensorSpec, bundle_diges
 from plcsense.models.inputs import InputError
 from plcsense.worker import repository
 from plcsense.worker.batching import MicroBatcher
+from plcsense.worker.capture import Capture
 from plcsense.worker.decoders import Decoded, Decoder, Lifecycle, make_decoder
 from plcsense.worker.documents import ErrorDocument, ModelRef, Ranked, ResultDocument
 from plcsense.worker.metrics import Metrics, RouteMetrics, route_metrics
@@ -110,6 +112,7 @@ class Route:
     """Version directories that failed a check: not retried (and not logged again) on every poll."""
     batcher: MicroBatcher[Inbound] | None = field(default=None, repr=False)
     decode_pool: ThreadPoolExecutor | None = field(default=None, repr=False)
+    capture: Capture | None = field(default=None, repr=False)
     """Image routes decode off the MQTT network thread, on a bounded pool."""
 
     def __post_init__(self) -> None:
@@ -187,6 +190,8 @@ class Pipeline:
                 )
             r = route.settings
             route.batcher = MicroBatcher(route.name, self._run_batch, r.max_batch, r.max_wait_ms / 1000)
+            if r.capture is not None:
+                route.capture = Capture(route.name, r.capture, self.metrics)
 
     def reload(self) -> None:
         """Look for new versions (poll, SIGHUP, control message): load and check each beside the old one and swap
@@ -480,7 +485,17 @@ class Pipeline:
             except Exception as exc:
                 log.exception("cannot build a result for %s", inbound.topic)
                 answers.append(self.error(inbound, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+        if route.capture is not None:
+            self._capture(route.capture, bundle, batch, answers)
         return answers
+
+    def _capture(self, capture: Capture, bundle: Bundle, batch: list[Inbound], answers: list[Answer]) -> None:
+        spec = bundle.manifest.input
+        channels = spec.channels if isinstance(spec, SensorSpec) else None
+        for inbound, answer in zip(batch, answers, strict=True):
+            doc = json.loads(answer.body)
+            if "error" not in doc:
+                capture.offer(doc, inbound.payload, inbound.decoded.array, channels)  # type: ignore[union-attr]
 
     def _predict(self, route: Route, bundle: Bundle, inputs: np.ndarray) -> np.ndarray:
         started = time.perf_counter()

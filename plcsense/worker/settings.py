@@ -106,6 +106,20 @@ class MetricsSettings(_Section):
     """HTTP port for /metrics, /healthz and /readyz; 0 disables the server."""
 
 
+class CaptureSettings(_Section):
+    dir: Path
+    """Where captured inputs go, in the folder layout ``plcsense train`` reads (one folder per predicted label)."""
+    max_files: int = Field(10_000, ge=1)
+    max_bytes: int = Field(1 << 30, ge=1)
+    """Capture stops (counted as ``full``) once the directory holds this many files or bytes."""
+    sample_percent: float = Field(0.0, ge=0, le=100)
+    """A random share of all answered inputs, uncertain or not."""
+    below_score: float | None = Field(None, gt=0, le=1)
+    """Classification: capture answers whose top-1 score is below this."""
+    near_threshold: float | None = Field(None, gt=0)
+    """Anomaly: capture answers whose score is within this fraction of the threshold (0.2: +-20 %)."""
+
+
 class RouteSettings(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     topic: str = Field(min_length=1)
@@ -121,6 +135,8 @@ class RouteSettings(_Section):
     """``shadow``: the candidate answers every input for the metrics only; ``canary``: it answers for real for
     ``canary_percent`` of devices (by topic, so a device stays on one model)."""
     canary_percent: float = Field(10.0, ge=0, le=100)
+    capture: CaptureSettings | None = None
+    """Write uncertain or sampled inputs for labelling and retraining (answers flagged unknown always count)."""
     model_digest: str | None = Field(None, pattern=r"^sha256:[0-9a-f]{64}$")
     """Pin the bundle: ``sha256:...`` as ``plcsense`` printed at export (``bundle.sha256``); any other bundle at
     ``model``, or an edited one, is refused and the route answers ``model_unavailable``."""
