@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from plcsense.errors import ErrorCode
 from plcsense.models.bundle import ImageSpec
 from plcsense.models.inputs import InputError, decode_image
@@ -14,4 +16,4 @@ class ImageDecoder(Decoder):
     def decode(self, topic: str, payload: bytes) -> Decoded:
         if not isinstance(self.spec, ImageSpec):
             raise InputError(ErrorCode.BAD_ENCODING, "route encoding is image but the model takes sensor windows")
-        return Decoded(decode_image(payload, self.spec, max_pixels=self.route.max_image_pixels))
+        return Decoded(decode_image(payload, self.spec, max_pixels=self.route.max_image_pixels, dtype=np.uint8))
