@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -64,8 +63,9 @@ def test_skab_readings_with_mosquitto_pub(tmp_path, broker, collectors):
     errors = out.wait_for(3, "plant/rig1/pump/error")
     assert len(results) >= 71
     assert [e["error"] for e in errors] == ["invalid_json", "bad_shape", "non_finite"]
-    time.sleep(0.3)
-    assert worker.metric("plcsense_messages_total", route="pump") == 103
+    subprocess.run([*pub, "-m", json.dumps({"id": "sentinel", "data": [0.0] * 8})], check=True, timeout=30)
+    assert out.wait_for_ids(["sentinel"])  # answered after everything before it
+    assert worker.metric("plcsense_messages_total", route="pump") == 104
     assert sum(v for (name, _), v in worker.metrics().items() if name == "plcsense_errors_total") == 3
     assert not serving_maps_tensorflow(worker.proc.pid)
     assert worker.terminate() == 0

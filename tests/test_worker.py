@@ -77,11 +77,14 @@ def test_sliding_windows_are_per_device(broker, sensor_bundle, run_worker, colle
     half = WINDOW // 2 + 1
     publish_all(broker, "plant/a/pump", [json.dumps(r) for r in rows[:half]])
     publish_all(broker, "plant/b/pump", [json.dumps(r) for r in rows[:half]])
-    time.sleep(0.5)
-    assert out.json() == [], "neither device has a full window yet, though together they have more readings"
+    # sentinel: a full window of a third device; answers keep arrival order, so once its result is here, any
+    # result for a or b would be too
+    publish_all(broker, "plant/s/pump", [json.dumps({"id": f"s{i}", "data": r}) for i, r in enumerate(rows[:WINDOW])])
+    assert out.wait_for_ids([f"s{WINDOW - 1}"])
+    assert {r["topic"] for r in out.json()} == {"plant/s/pump"}, "neither a nor b has a full window yet"
     publish_all(broker, "plant/a/pump", [json.dumps(r) for r in rows[half:]])
-    results = out.wait_for(3)
-    assert [r["topic"] for r in results] == ["plant/a/pump"] * 3
+    results = [r for r in out.wait_for(4) if r["topic"] == "plant/a/pump"]
+    assert len(results) == 3
 
 
 def test_full_window_tensor_as_npy(broker, sensor_bundle, run_worker, collectors):
@@ -158,9 +161,10 @@ def test_own_results_are_not_consumed(broker, sensor_bundle, run_worker, collect
     np.save(buffer, np.asarray(readings(WINDOW), dtype=np.float32))
     publish_all(broker, "plant/x/pump", [buffer.getvalue(), b"not npy"])
     out.wait_for(1, "/error")
-    time.sleep(0.5)
-    assert len(out.json("/result")) == 1
-    assert worker.metric("plcsense_messages_total", route="pump") == 2
+    publish_all(broker, "plant/y/pump", [buffer.getvalue()])  # sentinel: its result comes after any echo
+    assert len(out.wait_for(2, "/result")) == 2
+    assert len(out.json("/result")) == 2
+    assert worker.metric("plcsense_messages_total", route="pump") == 3
 
 
 def test_response_topic_and_correlation_data(broker, image_bundle, image_data, run_worker, collectors):
@@ -284,8 +288,9 @@ def test_plc_topics_that_look_like_output_are_still_inputs(broker, sensor_bundle
     publish_all(broker, "plant/p1/error", [window.getvalue()])  # a PLC's own alarm channel named "error"
     [result] = out.wait_for(1, "/result")
     assert result["topic"] == "plant/p1/error"
-    time.sleep(0.3)
-    assert worker.metric("plcsense_messages_total", route="pump") == 1  # its result was not taken as input
+    publish_all(broker, "plant/p2/x", [window.getvalue()])  # sentinel: answered after anything our result caused
+    assert len(out.wait_for(2, "/result")) == 2
+    assert worker.metric("plcsense_messages_total", route="pump") == 2  # its result was not taken as input
 
 
 def test_encoding_that_does_not_fit_the_model_is_not_ready(broker, sensor_bundle, run_worker):
