@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +201,25 @@ def test_compiled_topic_filters_agree_with_paho():
     for f in filters:
         for t in topics:
             assert TopicFilter(f).matches(t) == mqtt.topic_matches_sub(f, t), (f, t)
+
+
+def test_shared_group_members_stopped_and_scaled_away_lose_nothing(broker, sensor_bundle, run_worker, collectors):
+    """Three members; one is stopped a third of the way in, another scaled away at two thirds (SIGTERM: it
+    unsubscribes, answers what it was given, ends its session). Every input is answered by someone."""
+    route = sensor_route(sensor_bundle, full_windows=True)
+    workers = [run_worker(broker, [route], client_id=f"member{i}", shared_group="pumps") for i in range(3)]
+    out = Collector(broker, "plant/+/pump/+")
+    collectors.append(out)
+    client = mqtt_client(broker)
+    total, rate = 1500, 300.0
+    window = readings(WINDOW)
+    start = time.monotonic()
+    for i in range(total):
+        time.sleep(max(0.0, start + i / rate - time.monotonic()))
+        if i in (total // 3, 2 * total // 3):
+            threading.Thread(target=workers[0 if i == total // 3 else 1].terminate).start()
+        client.publish(f"plant/d{i % 7}/pump", json.dumps({"id": str(i), "data": window}), qos=1)
+    assert out.wait_for_ids([str(i) for i in range(total)], timeout=60), total - len(out.answers.by_id)
+    assert not out.json("/error")
+    assert [w.proc.wait(30) for w in workers[:2]] == [0, 0]
+    client.disconnect()

@@ -159,7 +159,14 @@ class Transport:
         return True, "ok"
 
     def stop(self, timeout: float = 20.0) -> bool:
-        """Stop taking messages, answer what is in flight, go offline. Returns False if the drain timed out."""
+        """Stop taking messages, answer what is in flight, go offline. Returns False if the drain timed out.
+
+        A member of a shared group leaves for good (a scale-down): it first unsubscribes, so the broker stops
+        giving it a share, answers everything already given to it, then ends its session. Anything left
+        unacknowledged in an ended session would be lost on Mosquitto, which does not hand it to another member."""
+        leaving = self.settings.protocol == "5" and bool(self.settings.shared_group) and self._connected.is_set()
+        if leaving:
+            self._unsubscribe_all(timeout=5)
         with self._lock:
             self._draining = True
             self._room.notify_all()
@@ -172,9 +179,7 @@ class Transport:
             info = self.client.publish(self.settings.status_topic, "offline", qos=1, retain=True)
             info.wait_for_publish(timeout=3)
         props = None
-        if self.settings.protocol == "5" and self.settings.shared_group and drained:
-            # A shared-group member that leaves ends its session, so the broker stops queueing a share for it
-            # (Mosquitto keeps queueing for an offline member until the session expires).
+        if leaving and drained:  # Mosquitto would otherwise keep queueing a share for us until the session expires
             props = Properties(PacketTypes.DISCONNECT)
             props.SessionExpiryInterval = 0
         self.client.disconnect(properties=props)
@@ -182,6 +187,15 @@ class Transport:
         self.answers.disconnect()
         self.answers.loop_stop()
         return drained
+
+    def _unsubscribe_all(self, timeout: float) -> None:
+        """Unsubscribe every route and wait for the broker's UNSUBACK (messages sent before it still come)."""
+        done = threading.Event()
+        topics = [f"$share/{self.settings.shared_group}/{r.settings.topic}" for r in self.pipeline.routes]
+        self.client.on_unsubscribe = lambda *args: done.set()
+        result, _ = self.client.unsubscribe(topics)
+        if result != mqtt.MQTT_ERR_SUCCESS or not done.wait(timeout):
+            log.warning("no UNSUBACK from the broker; leaving the shared group anyway")
 
     # ----------------------------------------------------------------- session
     def _make_client(self, client_id: str, *, intake: bool) -> mqtt.Client:
