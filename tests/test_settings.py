@@ -101,3 +101,15 @@ def test_schema_carries_field_docs(which, field, capsys):
     schema = json.loads(capsys.readouterr().out)
     described = [p for p in schema["$defs"][field]["properties"].values() if p.get("description")]
     assert described, f"{field} fields have no descriptions"
+
+
+def test_password_from_a_secret_file(tmp_path):
+    from plcsense.worker.settings import MqttSettings
+
+    secret = tmp_path / "mqtt-password"
+    secret.write_text("s3cret\n")
+    assert MqttSettings(username="plc", password_file=secret).password.get_secret_value() == "s3cret"
+    with pytest.raises(ValidationError, match="not both"):
+        MqttSettings(username="plc", password="x", password_file=secret)
+    with pytest.raises(ValidationError, match="does not exist"):
+        MqttSettings(username="plc", password_file=tmp_path / "missing")

@@ -121,6 +121,9 @@ class Metrics:
         self.canary_inputs = Counter(
             "plcsense_canary_inputs", "Inputs answered by a canary candidate", ["route", "version"], registry=r
         )
+        for reason in CONNECT_FAILURES:
+            self.connect_failures.labels(reason)
+        self.ignored.labels("output_topic")
         self.windows = Gauge(
             "plcsense_tracked_windows", "Devices with a sliding window in memory", ["route"], registry=r
         )
@@ -143,7 +146,25 @@ class RouteMetrics:
     errors: dict[ErrorCode, Counter]
 
 
+CONNECT_FAILURES = (
+    "tls_hostname",
+    "tls_untrusted",
+    "tls_handshake",
+    "refused",
+    "dns",
+    "timeout",
+    "closed",
+    "rejected",
+    "other",
+)
+DROP_REASONS = ("bad_topic", "not_queued", "refused")
+
+
 def route_metrics(metrics: Metrics, route: str) -> RouteMetrics:
+    for reason in DROP_REASONS:  # every series from 0: an alert sees the first one in increase()
+        metrics.answers_dropped.labels(route, reason)
+    for outcome in ("loaded", "refused"):
+        metrics.model_loads.labels(route, outcome)
     return RouteMetrics(
         messages=metrics.messages.labels(route),
         results=metrics.results.labels(route),

@@ -333,6 +333,9 @@ class Pipeline:
         route.serving = serving  # one assignment: inputs taken from now on carry the new version
         route.load_error = None
         manifest = serving.bundle.manifest
+        labels = (route.name, manifest.name, manifest.version)
+        self.metrics.inference.labels(*labels)  # the series exist before the first batch, for rate() and joins
+        self.metrics.batch_size.labels(*labels)
         if old is not None:
             self.metrics.model_info.remove(route.name, old.bundle.manifest.name, old.version)
             log.warning(

@@ -28,6 +28,8 @@ class MqttSettings(_Section):
     protocol: Literal["5", "3.1.1"] = "5"
     username: str | None = None
     password: SecretStr | None = None
+    password_file: Path | None = None
+    """Read the password from this file (a Docker or Kubernetes secret) instead of ``password``."""
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
@@ -82,6 +84,12 @@ class MqttSettings(_Section):
             raise ValueError("TLS settings given but the url is not mqtts://; use mqtts://host:8883")
         if self.shared_group and self.protocol != "5":
             raise ValueError("shared_group needs protocol 5")
+        if self.password_file is not None:
+            if self.password is not None:
+                raise ValueError("give password or password_file, not both")
+            if not Path(self.password_file).is_file():
+                raise ValueError(f"password_file {self.password_file} does not exist")
+            self.password = SecretStr(Path(self.password_file).read_text().strip())
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together")
         for name in ("ca_file", "cert_file", "key_file"):
