@@ -254,19 +254,17 @@ class Pipeline:
             return current
         if path in route.refused:
             return current
+        base = route.serving if candidate else current
         try:
             bundle = load_bundle(path, expect_digest=pin)
             self._check_fits(route, bundle)
+            if candidate and base is not None and not _same_input(base.bundle, bundle):
+                raise BundleError(f"candidate {path} takes another input than the serving model")
         except BundleError as exc:
             route.refused.add(path)
             self.metrics.model_loads.labels(route.name, "refused").inc()
             return self._refused(route, current, str(exc), what)
         self.metrics.model_loads.labels(route.name, "loaded").inc()
-        base = route.serving if candidate else current
-        if candidate and base is not None and not _same_input(base.bundle, bundle):
-            self.metrics.model_loads.labels(route.name, "refused").inc()
-            route.refused.add(path)
-            return self._refused(route, current, f"candidate {path} takes another input than the serving model", what)
         manifest = bundle.manifest
         log.info(
             "route %s: %s %s v%s (%s, %s) on %s",
