@@ -226,3 +226,29 @@ def test_refused_client_certificate_is_explained(tmp_path, sensor_bundle, run_wo
         assert worker.log().count("mqtt.cert_file") == 1, "each cause is logged once, then summarised"
     finally:
         mtls.stop()
+
+
+def test_a_tampered_bundle_takes_only_its_own_route_down(tmp_path, broker, sensor_bundle, run_worker, collectors):
+    """An edited threshold breaks the bundle's seal: that route answers model_unavailable, the other one serves."""
+    import shutil
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(sensor_bundle, tampered)
+    manifest = tampered / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"threshold": ', '"threshold": 9'))
+    routes = [
+        sensor_route(sensor_bundle, encoding="npy"),
+        {**sensor_route(tampered, encoding="npy"), "name": "edited", "topic": "plant/+/edited"},
+    ]
+    worker = run_worker(broker, routes, start=False)
+    worker.start(wait=False)  # never ready: one route has no model
+    assert wait_metric(worker, "plcsense_mqtt_connected", 1) == 1
+    time.sleep(0.5)  # the SUBACK follows the CONNACK: give it a moment before publishing
+    out = Collector(broker, "plant/#")
+    collectors.append(out)
+    window = npy(np.asarray(readings(WINDOW)))
+    publish_all(broker, "plant/d1/edited", [window])
+    publish_all(broker, "plant/d1/pump", [window])
+    assert out.wait(1, "pump/result") and [e["error"] for e in out.wait_for(1, "edited/error")] == ["model_unavailable"]
+    status, body = worker.get("/readyz")
+    assert status == 503 and "edited: bundle" in body, body
