@@ -235,6 +235,44 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+def _pack(args: argparse.Namespace) -> int:
+    from plcsense.models.fetch import FetchError, pack
+    from plcsense.training.quiet import LITERT_STARTUP, without_lines
+
+    try:
+        with without_lines(LITERT_STARTUP):
+            sha256, bundle = pack(Path(args.bundle), Path(args.out))
+    except FetchError as exc:
+        print(f"plcsense: {exc}", file=sys.stderr)
+        return 2
+    m = bundle.manifest
+    print(f"packed {m.name} v{m.version} ({bundle.digest})", file=sys.stderr)
+    print(f"{sha256}  {args.out}")  # sha256sum's format: `sha256sum -c` checks it
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from plcsense.models.fetch import FetchError, fetch
+    from plcsense.training.quiet import LITERT_STARTUP, without_lines
+
+    try:
+        with without_lines(LITERT_STARTUP):
+            done = fetch(
+                args.url,
+                args.sha256,
+                Path(args.into),
+                expect_digest=args.expect_digest,
+                **_given(max_bytes=args.max_bytes, timeout_s=args.timeout),
+            )
+    except FetchError as exc:
+        print(f"plcsense: {exc}", file=sys.stderr)
+        return 2
+    m = done.bundle.manifest
+    state = "installed" if done.fresh else "already installed"
+    print(f"{state}: {m.name} v{m.version} at {done.path} ({done.bundle.digest})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plcsense", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -349,6 +387,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train, serve and replay real data on this machine")
     demo.set_defaults(func=_demo)
+
+    pk = sub.add_parser("pack", help="pack a bundle into a reproducible .tar.gz and print its sha256 (to publish)")
+    pk.add_argument("bundle", help="bundle directory (loaded and checked first)")
+    pk.add_argument("--out", required=True, help="archive to write, e.g. pump-3.tar.gz")
+    pk.set_defaults(func=_pack)
+
+    fe = sub.add_parser(
+        "fetch",
+        help="download a packed bundle, check its sha256, unpack it safely and install it into a model repository "
+        "in one rename (what a site's init container runs); exits 0 when that version is already there",
+    )
+    fe.add_argument("url", help="file://, http:// or https:// URL of the archive")
+    fe.add_argument("--sha256", required=True, help="the archive's sha256 (plcsense pack prints it)")
+    fe.add_argument("--into", required=True, help="<repo>/<name>/<version>; the bundle's version must be <version>")
+    fe.add_argument("--expect-digest", help="also pin the bundle's seal (sha256:..., bundle.sha256)")
+    fe.add_argument("--max-bytes", type=int, help="limit of the archive and of its contents (default 1 GiB)")
+    fe.add_argument("--timeout", type=float, help="seconds the download may take (default 300)")
+    fe.set_defaults(func=_fetch)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of the worker config or of a bundle manifest")
     schema.add_argument("which", choices=["config", "manifest"])
