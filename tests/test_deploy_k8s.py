@@ -1,27 +1,40 @@
 """The Kubernetes manifests as shipped: every kustomization renders (kubectl kustomize) and validates strictly
 (kubernetes-validate), and the rendered site is correct by construction: windowed routes never in a shared group,
 one replica where there is no shared group, client ids unique across sites, config changes roll the pods, the
-TLS file the config names is mounted, the models PVC exists, grace covers the drain, PDB, spread, NetworkPolicy.
+TLS file the config names is mounted, the models PVC exists, grace covers the drain, PDB, spread, NetworkPolicy;
+every pod's init containers fetch exactly the model versions its routes pin, into the volume the worker reads, and
+run as rendered they install what the rendered worker then serves.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+import threading
 import time
-from functools import cache
+from collections.abc import Iterator
+from functools import cache, partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 from plcsense.harness import WorkerProcess, free_port
+from plcsense.models.bundle import read_manifest, write_manifest
+from plcsense.models.fetch import pack
 from plcsense.worker.service import Worker
 from plcsense.worker.settings import load_settings
+from tests.conftest import WINDOW, Collector, publish_all
 from tests.deploy_tools import DEPLOY, run, tool
+from tests.test_worker import readings
 
 K8S = DEPLOY / "k8s"
 VERSIONS = ("1.30.0", "1.37.0")  # oldest Kubernetes we support, newest schema the validator has
@@ -36,7 +49,9 @@ def kustomizations(kind: str = "Kustomization") -> list[Path]:
 
 
 def overlays() -> list[Path]:
-    return sorted(p for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
+    """Every site overlay, and the examples built on one (a canary), which must hold the same invariants."""
+    found = [p for d in ("overlays", "examples") for p in (K8S / d).iterdir() if (p / "kustomization.yaml").is_file()]
+    return sorted(found)
 
 
 @cache
@@ -288,3 +303,154 @@ def test_pump_workload_runs_on_a_real_worker_and_would_be_refused_in_a_shared_gr
         assert status == 503 and "line3-images" in body and "sliding windows" in body, shared.log()
     finally:
         shared.stop()
+
+
+# ----------------------------------------------------------------------------- model versions
+def container_env(container: dict) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for var in container.get("env", []):
+        env[var["name"]] = _expand(var["value"], env)
+    return env
+
+
+def fetch_args(init: dict, env: dict[str, str] | None = None) -> list[str]:
+    """The ``plcsense`` arguments an init container runs, with its $(VAR)s expanded as the kubelet does."""
+    env = container_env(init) if env is None else env
+    return [_expand(arg, env) for arg in init["args"]]
+
+
+def fetches(sts: dict) -> dict[str, tuple[str, str]]:
+    """``--into`` path -> (URL, pinned sha256) of every init container of the workload."""
+    found = {}
+    for init in sts["spec"]["template"]["spec"].get("initContainers", []):
+        command, url, *rest = fetch_args(init)
+        options = dict(zip(rest[::2], rest[1::2], strict=True))
+        assert command == "fetch" and options.keys() == {"--sha256", "--into"}, init["name"]
+        found[options["--into"]] = (url, options["--sha256"])
+    return found
+
+
+def mount_of(container: dict, path: str) -> dict | None:
+    for mount in container.get("volumeMounts", []):
+        if path.startswith(mount["mountPath"].rstrip("/") + "/"):
+            return mount
+    return None
+
+
+def egress_allows(policy: dict, port: int) -> bool:
+    for rule in policy["spec"].get("egress", []):
+        ports = rule.get("ports")
+        if not ports or any(p.get("port") == port and p.get("protocol", "TCP") == "TCP" for p in ports):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("overlay", overlays(), ids=_rel)
+def test_every_pod_fetches_exactly_the_versions_its_routes_pin(overlay):
+    """The version a site serves is written in its manifests twice, the init containers' pins and the routes'
+    ``version``/``candidate``: they must agree, and neither may float (``latest``), or a rollback would not be one."""
+    objects = docs(overlay)
+    policies = of_kind(objects, "NetworkPolicy")
+    for sts in _workloads(overlay):
+        name, labels = sts["metadata"]["name"], sts["spec"]["template"]["metadata"]["labels"]
+        pinned = set()
+        for route in pod_config(objects, sts)["routes"]:
+            assert route.get("version", "latest") != "latest", f"{name}: route {route['name']} must pin its version"
+            pinned.add(f"{route['model']}/{route['version']}")
+            if route.get("candidate") is not None:
+                assert route["candidate"] != "latest", f"{name}: route {route['name']} must pin its candidate"
+                pinned.add(f"{route['model']}/{route['candidate']}")
+        fetched = fetches(sts)
+        assert set(fetched) == pinned, f"{name}: init containers fetch {sorted(fetched)}, routes pin {sorted(pinned)}"
+        mine = [p for p in policies if p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()]
+        for into, (url, sha256) in fetched.items():
+            repo_entry, version = into.rsplit("/", 1)
+            assert url.startswith("https://") and url.endswith(f"/{Path(repo_entry).name}-{version}.tar.gz"), url
+            assert re.fullmatch(r"[0-9a-f]{64}", sha256), f"{name}: {into} pins sha256 {sha256!r}"
+            parts = urlsplit(url)
+            port = parts.port or {"https": 443, "http": 80}[parts.scheme]
+            assert any(egress_allows(p, port) for p in mine), f"{name}: no egress to the model store's port {port}"
+
+
+@pytest.mark.parametrize("overlay", overlays(), ids=_rel)
+def test_fetch_writes_the_volume_the_worker_reads_under_the_restricted_profile(overlay):
+    for sts in _workloads(overlay):
+        spec = sts["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        (worker,) = spec["containers"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        for container in [*spec["initContainers"], worker]:  # what Pod Security "restricted" asks of each
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False and context["capabilities"]["drop"] == ["ALL"]
+            assert context["readOnlyRootFilesystem"] is True, container["name"]
+        for init in spec["initContainers"]:
+            assert init["image"] == worker["image"], "the init container is the worker's image"
+            into = fetch_args(init)[-1]
+            written, read = mount_of(init, into), mount_of(worker, into)
+            assert written and read and written["name"] == read["name"] == "models"
+            assert written["mountPath"] == read["mountPath"], "the worker finds the bundle where it was written"
+            assert not written.get("readOnly") and read["readOnly"] is True
+            assert "persistentVolumeClaim" in volumes["models"]
+            assert not volumes["models"]["persistentVolumeClaim"].get("readOnly"), "a read-only claim blocks fetch"
+            tmp = mount_of(init, "/tmp/x")
+            assert tmp and "emptyDir" in volumes[tmp["name"]] and not tmp.get("readOnly")
+
+
+@pytest.fixture(scope="module")
+def store(sensor_bundle, tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
+    """A model store on a real HTTP server: pump versions 1 (the session's sensor bundle) and 2 (re-sealed), packed
+    as a publisher would, at <store>/pump/pump-<version>.tar.gz; yields (store URL, sha256 by version)."""
+    root = tmp_path_factory.mktemp("store")
+    v2 = root / "v2"
+    shutil.copytree(sensor_bundle, v2)
+    write_manifest(v2, read_manifest(v2).model_copy(update={"version": "2"}))
+    (root / "pump").mkdir()
+    shas = {v: pack(b, root / "pump" / f"pump-{v}.tar.gz")[0] for v, b in (("1", sensor_bundle), ("2", v2))}
+    handler = partial(SimpleHTTPRequestHandler, directory=str(root))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", shas
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("overlay", [K8S / "overlays" / "line3", K8S / "examples" / "pump-canary"], ids=_rel)
+def test_rendered_init_containers_install_what_the_rendered_worker_serves(tmp_path, overlay, store, broker, collectors):
+    """The pumps-line1 pod as rendered, on this machine: its init containers' commands (the store and the
+    placeholder sha256 swapped for a local server's) install the pinned versions into a models folder, then the
+    worker with the rendered config serves the pinned version (and loads the canary's candidate)."""
+    base, shas = store
+    (sts,) = [s for s in _workloads(overlay) if s["metadata"]["name"] == "plcsense-pumps-line1"]
+    models = tmp_path / "models"
+    for init in sts["spec"]["template"]["spec"]["initContainers"]:
+        env = container_env(init)
+        env |= {"MODEL_STORE": base, "MODEL_SHA256": shas[env["MODEL_VERSION"]]}
+        args = [re.sub(r"^/models/", f"{models}/", arg) for arg in fetch_args(init, env)]
+        proc = subprocess.run([sys.executable, "-m", "plcsense", *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.startswith("installed: pump"), proc.stderr
+
+    config = pod_config(docs(overlay), sts)
+    config["mqtt"] = {k: v for k, v in config["mqtt"].items() if k != "ca_file"} | broker.mqtt_settings()
+    port = free_port()
+    config["metrics"] = {"host": "127.0.0.1", "port": port}
+    (route,) = config["routes"]
+    route["model"] = re.sub(r"^/models/", f"{models}/", route["model"])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    worker = WorkerProcess(path, port, tmp_path / "worker.log", env={"PLCSENSE_MQTT__CLIENT_ID": "line3-pumps-0"})
+    worker.start()
+    try:
+        loaded = 1 + (route.get("candidate") is not None)
+        assert worker.metric("plcsense_model_info", route="pump", model="pump", version=route["version"]) == 1
+        assert worker.metric("plcsense_model_loads_total", route="pump", outcome="loaded") == loaded
+        if "candidate" not in route:
+            out = Collector(broker, "plant/line1/p1/pump/result")
+            collectors.append(out)
+            publish_all(broker, "plant/line1/p1/pump", [json.dumps({"id": "w", "data": readings(WINDOW)})])
+            (answer,) = out.wait_for(1)
+            assert answer["model"]["version"] == route["version"] == "1"
+    finally:
+        worker.stop()
