@@ -454,3 +454,40 @@ def test_rendered_init_containers_install_what_the_rendered_worker_serves(tmp_pa
             assert answer["model"]["version"] == route["version"] == "1"
     finally:
         worker.stop()
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes storage quantity ("2Gi", "500M", "1073741824") in bytes."""
+    number, unit = re.fullmatch(r"(\d+)([KMGTE]i?)?", quantity).groups()  # type: ignore[union-attr]
+    power = "KMGTE".index(unit[0]) + 1 if unit else 0
+    return int(number) * (1024 if unit and unit.endswith("i") else 1000) ** power
+
+
+@pytest.mark.parametrize("overlay", overlays(), ids=_rel)
+def test_capture_folders_are_on_a_persistent_writable_volume_of_each_worker(overlay):
+    """Captured inputs must outlive the pod (they are labelled later), fit their volume, and never be shared by two
+    workers (each numbers its own files)."""
+    objects = docs(overlay)
+    claims = {c["metadata"]["name"]: c for c in of_kind(objects, "PersistentVolumeClaim")}
+    captures = 0
+    for sts in _workloads(overlay):
+        spec = sts["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        templates = {t["metadata"]["name"]: t for t in sts["spec"].get("volumeClaimTemplates", [])}
+        for route in pod_config(objects, sts)["routes"]:
+            if not route.get("capture"):
+                continue
+            captures += 1
+            where = f"{sts['metadata']['name']}: route {route['name']} captures into {route['capture']['dir']}"
+            mount = mount_of(spec["containers"][0], route["capture"]["dir"])
+            assert mount and not mount.get("readOnly") and mount["name"] != "models", f"{where}: not writable"
+            if mount["name"] in templates:
+                claim = templates[mount["name"]]
+            else:
+                source = volumes[mount["name"]].get("persistentVolumeClaim")
+                assert source and sts["spec"]["replicas"] == 1, f"{where}: not a volume of this one worker's own"
+                claim = claims[source["claimName"]]
+            storage = quantity_bytes(claim["spec"]["resources"]["requests"]["storage"])
+            assert route["capture"].get("max_bytes", 1 << 30) <= storage, f"{where}: max_bytes exceeds {storage}"
+    if overlay == K8S / "examples" / "weld-capture":
+        assert captures, "the capture example captures"
