@@ -97,3 +97,13 @@ def test_dashboard_filters_every_query_by_site_and_worker():
                 assert "route, model, version" in target["expr"], "inference joins plcsense_model_info on all three"
         titles.add(panel["title"])
     assert {"Workers up", "Answer latency p50 / p95 / p99", "Routes without a model"} <= titles
+
+
+def test_every_dashboard_query_parses(tmp_path):
+    """promtool parses each panel query (as a recording rule), the ones the end-to-end test leaves quiet too."""
+    from tests.test_deploy_prometheus import dashboard_queries
+
+    rules = [{"record": f"dashboard_query_{i}", "expr": expr} for i, (_, expr) in enumerate(dashboard_queries())]
+    path = tmp_path / "dashboard.rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    run([tool("promtool"), "check", "rules", str(path)])
