@@ -243,6 +243,16 @@ def test_an_installed_version_never_changes(tmp_path, sensor_bundle, archive):
     )
     assert bundle_digest(repo / "1") == bundle_digest(sensor_bundle)
     assert sorted(p.name for p in repo.iterdir()) == ["1"]
+    # Damaged in place (a disk error, a hand edit): found out, not left to the worker, and not overwritten.
+    model = repo / "1" / "model.tflite"
+    model.write_bytes(model.read_bytes()[:-1])
+    digest = bundle_digest(sensor_bundle)
+    for pinned in ([], ["--expect-digest", digest]):
+        refused(
+            plcsense("fetch", path.as_uri(), "--sha256", sha256, "--into", repo / "1", *pinned),
+            "checksum mismatch for model.tflite",
+            "remove it to fetch again",
+        )
 
 
 def test_replicas_fetching_the_same_version_at_once_all_succeed(tmp_path, sensor_bundle):

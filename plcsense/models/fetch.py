@@ -120,7 +120,7 @@ def fetch(
         raise FetchError(f"{into}: the last folder is the version and must be a plain name (<repo>/<name>/<version>)")
     existing = _existing(into)
     if existing is not None and expect_digest is not None:
-        return Installed(into, _load(into, expect_digest, f"installed version {into}"), fresh=False)
+        return Installed(into, _installed(into, expect_digest), fresh=False)
     into.parent.mkdir(parents=True, exist_ok=True)
     download = partial = None
     try:
@@ -180,7 +180,12 @@ def _same(into: Path, bundle: Bundle) -> Bundle:
             f"{into} is already installed with digest {installed}, the archive holds {bundle.digest}; "
             "a version never changes once installed: publish this bundle as a new version"
         )
-    return _load(into, bundle.digest, f"installed version {into}")
+    return _installed(into, bundle.digest)
+
+
+def _installed(into: Path, digest: str) -> Bundle:
+    """The version in place, checked like any load (its files may have been damaged since it was installed)."""
+    return _load(into, digest, f"installed version {into} (remove it to fetch again)")
 
 
 def _download(url: str, directory: Path, prefix: str, max_bytes: int, timeout_s: float) -> Path:
