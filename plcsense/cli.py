@@ -63,6 +63,9 @@ def _given(**fields: object) -> dict[str, object]:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from plcsense.training.backend import configure
+
+    configure()  # logs the backend, device and precision; mixed precision on a GPU that computes it
     common = _given(name=args.name, version=args.model_version)
     columns = args.columns.split(",") if args.columns else None
     tensorboard = Path(args.tensorboard) if args.tensorboard else None
@@ -443,9 +446,10 @@ def main(argv: list[str] | None = None) -> int:
         expected += (OSError,)  # the broker is unreachable
     if args.command == "train":
         from plcsense.models.backbones import WeightsError
+        from plcsense.training.backend import BackendError
         from plcsense.training.export import ExportError
 
-        expected += (WeightsError, ExportError)
+        expected += (WeightsError, ExportError, BackendError)
     try:
         return args.func(args)
     except expected as exc:

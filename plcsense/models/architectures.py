@@ -21,7 +21,8 @@ def scratch_cnn(input_shape: tuple[int, int, int], num_classes: int, *, dropout:
     x = layers.Flatten()(x)
     x = layers.Dropout(dropout)(x)
     x = layers.Dense(512, activation="relu")(x)
-    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    # the softmax in float32 under mixed precision too (plcsense.training.backend)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="scratch_cnn")
 
 

@@ -114,7 +114,9 @@ def classifier(
     head_in = keras.Input(feature_maps.shape[1:], name="feature_maps")
     h = layers.GlobalAveragePooling2D(name="pool")(head_in)
     h = layers.Dropout(dropout, name="head_dropout")(h)
-    head = keras.Model(head_in, layers.Dense(num_classes, activation="softmax", name="probabilities")(h), name="head")
+    # float32 under mixed precision too: a softmax in 16 bits rounds probabilities near 1 and the loss with them
+    probabilities = layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")
+    head = keras.Model(head_in, probabilities(h), name="head")
     model = keras.Model(inputs, head(feature_maps), name=f"{arch}_classifier")
     return Classifier(model, backbone, features, head)
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from plcsense.models.bundle import Bundle, InputSpec, Quantize, new_manifest
 from plcsense.models.runtime import LiteRTModel, predict_all
+from plcsense.training.backend import tensorboard
 from plcsense.training.data import DataError
 from plcsense.training.evaluate import classification_scores
 from plcsense.training.export import Quantization, export_bundle
@@ -141,7 +142,7 @@ class ClassifierRun:
             history,
         ]
         if self.cfg.tensorboard:
-            callbacks.append(keras.callbacks.TensorBoard(log_dir=str(self.cfg.tensorboard)))
+            callbacks.append(tensorboard(self.cfg.tensorboard))
         try:
             model.fit(
                 train[0],

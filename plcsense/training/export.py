@@ -12,10 +12,10 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from plcsense.models.bundle import GOLDEN_FILE, MODEL_FILE, Bundle, Manifest, Quantize, load_bundle, write_manifest
 from plcsense.models.runtime import LiteRTModel, predict_all
+from plcsense.training.backend import as_float32, convert_elsewhere
 from plcsense.training.quiet import CONVERTER, LITERT_STARTUP, without_lines
 
 GOLDEN_SAMPLES = 3
@@ -35,21 +35,37 @@ class Quantization:
     """Fraction of held-out inputs where the quantised model's top-1 must equal the float model's."""
 
 
+def calibration_samples(q: Quantization) -> np.ndarray:
+    """The inputs that calibrate int8 ranges: a seeded random sample of the representative training inputs.
+
+    Random, not the first ones: training arrays come sorted by class, and int8 ranges calibrated on the first
+    classes alone clip the others. The sample of an array of at most REPRESENTATIVE_SAMPLES is that array.
+    """
+    if q.representative is None or not len(q.representative):
+        raise ExportError("int8 quantisation needs representative training data")
+    rng = np.random.default_rng(0)
+    chosen = rng.choice(len(q.representative), min(REPRESENTATIVE_SAMPLES, len(q.representative)), replace=False)
+    return q.representative[np.sort(chosen)].astype(np.float32)
+
+
 def to_tflite(model: keras.Model, quantization: Quantization | None = None) -> bytes:
-    """Convert to a LiteRT flatbuffer with float32 input/output and a resizable batch dimension."""
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    """Convert to a LiteRT flatbuffer with float32 input/output and a resizable batch dimension.
+
+    The model is converted in float32 whatever precision it trained in; on a Keras backend other than TensorFlow
+    the conversion runs in a TensorFlow process of its own (:func:`~plcsense.training.backend.convert_elsewhere`).
+    """
+    model = as_float32(model)
     q = quantization or Quantization()
+    samples = calibration_samples(q) if q.mode == "int8" else None
+    if keras.backend.backend() != "tensorflow":
+        return convert_elsewhere(model, q.mode, samples)
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if q.mode == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
     elif q.mode == "int8":
-        if q.representative is None or not len(q.representative):
-            raise ExportError("int8 quantisation needs representative training data")
-        # A seeded random sample: training arrays come sorted by class, and int8 ranges calibrated on the first
-        # classes alone clip the others.
-        rng = np.random.default_rng(0)
-        chosen = rng.choice(len(q.representative), min(REPRESENTATIVE_SAMPLES, len(q.representative)), replace=False)
-        samples = q.representative[np.sort(chosen)].astype(np.float32)
 
         def representative() -> Iterator[list[np.ndarray]]:
             for sample in samples:
@@ -97,6 +113,7 @@ def export_bundle(
     """
     out = Path(out)
     check_output_dir(out)
+    model = as_float32(model)  # what ships computes in float32
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -12,6 +12,7 @@ the worker never imports TensorFlow.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import re
@@ -55,5 +56,9 @@ def import_tensorflow_quietly() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "keras" not in sys.modules:
         with without_lines(TF_STARTUP):
-            import keras  # noqa: F401
+            import keras
+
+            if keras.backend.backend() != "tensorflow" and importlib.util.find_spec("tensorflow"):
+                import tensorflow  # noqa: F401  (another backend's Keras imports it too, to seed its generator)
     logging.getLogger("tensorflow").setLevel(logging.WARNING)  # "Assets written to ..." at every export
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"

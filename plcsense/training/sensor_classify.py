@@ -64,7 +64,8 @@ def cnn1d(
         x = layers.Activation("relu", name=f"relu{i + 1}")(x)
     x = layers.GlobalAveragePooling1D(name="pool")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
-    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    # the softmax in float32 under mixed precision too (plcsense.training.backend)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="cnn1d")
 
 
