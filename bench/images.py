@@ -1,20 +1,25 @@
 """NEU steel-defect benchmark: seeded 80/20 split, train with the product's code, score on the held-out 20 %.
 
     .venv/bin/python bench/images.py [--arch mobilenet_v2] [--weights ../shared/weights/...h5] [--quantize int8]
+    .venv/bin/python bench/images.py --variant grey64 --probe     # a harder variant (bench/neu_variants.py)
 
-Prints one JSON line: test accuracy of the exported (LiteRT) model on the 20 % test folder, training time,
-and the manifest's per-variant figures (float32 / float16 / int8 accuracy and top-1 agreement).
+Prints one JSON line: test accuracy of the exported (LiteRT) model on the test folder, training time, the
+manifest's per-variant figures (float32 / float16 / int8 accuracy and top-1 agreement), what the selection
+chose, the test folder's majority-class rate and, with ``--probe``, the accuracy of a linear probe (logistic
+regression on the frozen backbone's 224 px mean-pooled features, the old default's head) on the same folders.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+from neu_variants import DEV, HELD_BACK, write_variant
 from sklearn.model_selection import train_test_split
 
 from plcsense.models.bundle import load_bundle
@@ -38,6 +43,28 @@ def split_folder(source: Path, target: Path, seed: int = 42, test: float = 0.2) 
             dest.symlink_to(f)
 
 
+def linear_probe(train: Path, test: Path, weights: str) -> float:
+    """Test accuracy of logistic regression on frozen MobileNetV2 224 px mean-pooled features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from plcsense.models.backbones import build_backbone
+    from plcsense.training.image_select import Tap
+    from plcsense.training.transfer import list_photos, load_pixels
+
+    backbone = build_backbone("mobilenet_v2", (None, None, 3), None if weights == "none" else weights)
+    tap = Tap("mobilenet_v2", backbone, [])
+    train_photos, classes = list_photos(train)
+    test_photos = list_photos(test, classes)[0]
+    features = {}
+    for name, photos in (("train", train_photos), ("test", test_photos)):
+        pixels, kept = load_pixels(photos, 224)
+        features[name] = (tap.run(pixels)[0][:, :1280], kept.labels)
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(*features["train"])
+    return float(probe.score(*features["test"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=SHARED / "data" / "neu-det")
@@ -45,15 +72,24 @@ def main() -> None:
     parser.add_argument("--arch", default="mobilenet_v2")
     parser.add_argument("--weights", default=str(SHARED / "weights" / "mobilenet_v2_1.0_224_no_top.h5"))
     parser.add_argument("--image-size", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--fine-tune-epochs", type=int, default=10)
-    parser.add_argument("--fine-tune-layers", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=30, help="scratch CNN")
+    parser.add_argument("--fine-tune-epochs", type=int, default=15)
+    parser.add_argument("--fine-tune-layers", type=int, default=None, help="default: chosen by validation")
     parser.add_argument("--quantize", default="none", choices=["none", "float16", "int8"])
     parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--time-budget", type=float, default=600.0)
+    parser.add_argument("--variant", choices=sorted({**DEV, **HELD_BACK}), help="a harder NEU variant instead of NEU")
+    parser.add_argument("--probe", action="store_true", help="also score the linear-probe baseline")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the selection's progress lines
 
-    split_folder(args.data, args.workdir / "split")
-    out = args.workdir / f"bundle-{args.arch}-{args.quantize}"
+    if args.variant:
+        variant = {**DEV, **HELD_BACK}[args.variant]
+        split = write_variant(variant, args.workdir / "variants" / args.variant)
+    else:
+        split = args.workdir / "split"
+        split_folder(args.data, split)
+    out = args.workdir / f"bundle-{args.variant or 'neu'}-{args.arch}-{args.quantize}"
     shutil.rmtree(out, ignore_errors=True)
     cfg = ImageTrainConfig(
         arch=args.arch,
@@ -64,16 +100,23 @@ def main() -> None:
         fine_tune_layers=args.fine_tune_layers,
         quantize=args.quantize,
         augment=Augment.parse("none" if args.no_augment else "auto", args.arch),
-        name="neu",
+        time_budget=args.time_budget,
+        name=args.variant or "neu",
     )
     started = time.perf_counter()
-    train_images(args.workdir / "split" / "train", out, cfg)
+    train_images(split / "train", out, cfg)
     train_seconds = time.perf_counter() - started
     bundle = load_bundle(out)
-    scores = evaluate(bundle, args.workdir / "split" / "test")
+    scores = evaluate(bundle, split / "test")
+    labels = [p.parent.name for p in (split / "test").glob("*/*")]
+    selection = out / "report" / "selection.json"
     print(
         json.dumps(
             {
+                "data": args.variant or "neu",
+                "majority_rate": max(labels.count(c) for c in set(labels)) / len(labels),
+                "probe_accuracy": linear_probe(split / "train", split / "test", args.weights) if args.probe else None,
+                "chosen": json.loads(selection.read_text())["chosen"] if selection.is_file() else None,
                 "arch": args.arch,
                 "quantize": args.quantize,
                 "test_n": scores["n"],

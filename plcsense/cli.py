@@ -21,7 +21,7 @@ TRAIN_OPTIONS: dict[str, set[str]] = {
     "train images": {
         "arch", "weights", "image_size", "color_mode", "epochs", "fine_tune_epochs", "fine_tune_layers", "batch_size",
         "learning_rate", "seed", "val_split", "test_split", "augment", "no_augment", "no_class_weights",
-        "tensorboard", "quantize", "min_agreement",
+        "tensorboard", "quantize", "min_agreement", "time_budget",
     },
     "train sensors --task classify": {
         "task", "columns", "epochs", "batch_size", "learning_rate", "seed", "val_split", "test_split",
@@ -84,6 +84,7 @@ def _train(args: argparse.Namespace) -> int:
                 epochs=args.epochs,
                 fine_tune_epochs=args.fine_tune_epochs,
                 fine_tune_layers=args.fine_tune_layers,
+                time_budget=args.time_budget,
                 batch_size=args.batch_size,
                 learning_rate=args.learning_rate,
                 seed=args.seed,
@@ -310,17 +311,25 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument(
         "--fine-tune-layers",
         type=int,
-        help="top backbone layers unfrozen in the second phase (default 30; 0: head only)",
+        help="backbone layers fine-tuned from the top (default: chosen by validation; 0: head only)",
     )
-    images.add_argument("--fine-tune-epochs", type=int, help="default 10")
+    images.add_argument("--fine-tune-epochs", type=int, help="at most this many fine-tuning epochs (default 15)")
+    images.add_argument(
+        "--time-budget",
+        type=float,
+        help="backbones: seconds for the whole run on this machine; the settings tried are planned to fit "
+        "(default 600)",
+    )
     images.add_argument("--learning-rate", type=float, help="head/scratch/1-D CNN/autoencoder learning rate (1e-3)")
     images.add_argument(
         "--augment",
-        help="auto (default: all for backbones, flips for scratch), none, or a list of "
+        help="auto (default: flips, kept for backbones when validation agrees), none, or a list of "
         "flip,rotation,zoom,translation,contrast,brightness",
     )
     images.add_argument("--no-augment", action="store_true", help="same as --augment none")
-    images.add_argument("--no-class-weights", action="store_true", help="do not rebalance imbalanced classes")
+    images.add_argument(
+        "--no-class-weights", action="store_true", help="do not rebalance classes (default: chosen by validation)"
+    )
     images.add_argument("--tensorboard", help="write TensorBoard logs to this directory")
     images.add_argument("--quantize", choices=["none", "float16", "int8"], help="default none")
     images.add_argument(
@@ -328,10 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="quantised export fails below this top-1 agreement with the float model (default 0.98)",
     )
-    images.add_argument("--image-size", type=int, help="default: the architecture's native size")
+    images.add_argument(
+        "--image-size", type=int, help="default: chosen by validation (backbone's and photos' own size), 128 scratch"
+    )
     images.add_argument("--color-mode", choices=["auto", "grayscale", "rgb"], help="default auto")
-    images.add_argument("--val-split", type=float, help="default 0.15")
-    images.add_argument("--test-split", type=float, help="default 0.15")
+    images.add_argument("--val-split", type=float, help="default 0.15 (images: k-fold below 600 photos, else 0.2)")
+    images.add_argument("--test-split", type=float, help="default 0.15 (images on a backbone: 0, use a test/ folder)")
     sensors = train.add_argument_group("sensors")
     sensors.add_argument(
         "--window",

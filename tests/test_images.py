@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,15 @@ import numpy as np
 import pytest
 
 from plcsense.cli import ARCHS
-from plcsense.models.backbones import BACKBONES, WeightsError, build_backbone, classifier, unfreeze_top
+from plcsense.models.backbones import (
+    BACKBONES,
+    WeightsError,
+    build_backbone,
+    classifier,
+    cut_near,
+    top_part,
+    unfreeze_above,
+)
 from plcsense.models.bundle import load_bundle
 from plcsense.training.export import ExportError
 from plcsense.training.images import ImageTrainConfig, train_images
@@ -41,15 +50,24 @@ def test_each_arch_builds_and_starts_frozen(arch):
     assert {id(w) for w in net.model.trainable_weights} == head_weights
 
 
-def test_unfreeze_top_keeps_batchnorm_frozen():
+def test_cut_points_and_unfreezing_keep_batchnorm_frozen():
     net = classifier("mobilenet_v2", (32, 32, 3), 3, weights=None)
-    n = 20
-    unfreeze_top(net.backbone, n)
-    layers_ = net.backbone.layers
-    assert not any(layer.trainable for layer in layers_[:-n])
-    top = layers_[-n:]
-    assert all(layer.trainable != isinstance(layer, keras.layers.BatchNormalization) for layer in top)
-    assert any(isinstance(layer, keras.layers.BatchNormalization) for layer in top)
+    cut = cut_near(net.backbone, 0.75)
+    names = [layer.name for layer in net.backbone.layers]
+    assert cut == "block_11_add"  # a block boundary: no skip connection crosses it
+    with pytest.raises(ValueError):
+        top_part(net.backbone, "block_12_expand")  # block 12's residual reads block 11's output from below
+    upper = top_part(net.backbone, cut)
+    assert upper.output_shape == net.backbone.output_shape
+    count = unfreeze_above(net.backbone, cut)
+    below, above = net.backbone.layers[: names.index(cut) + 1], net.backbone.layers[names.index(cut) + 1 :]
+    assert not any(layer.trainable for layer in below)
+    assert all(
+        layer.trainable != isinstance(layer, keras.layers.BatchNormalization) for layer in above if layer.weights
+    )
+    assert count == sum(layer.trainable for layer in above) > 0
+    # the part shares its layers with the backbone: training it trains them
+    assert upper.get_layer("Conv_1") is net.backbone.get_layer("Conv_1")
 
 
 @needs_weights
@@ -139,48 +157,36 @@ def test_failed_quantisation_parity_fails_loudly(parts, tmp_path):
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
 
 
-def test_transfer_learning_two_phases_on_greyscale(parts, tmp_path):
-    """Grey images into an RGB backbone, head phase then fine-tuning, augmentation and TensorBoard on."""
+def test_transfer_learning_selects_by_validation_within_budget(parts, tmp_path):
+    """Grey images into an RGB backbone: frozen probes, flips, fine-tuning, the refit, all reported and timed."""
     out = tmp_path / "b"
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "plcsense",
-            "train",
-            "images",
-            str(parts),
-            "--arch",
-            "mobilenet_v3_small",
-            "--weights",
-            "none",
-            "--image-size",
-            "32",
-            "--epochs",
-            "2",
-            "--fine-tune-epochs",
-            "1",
-            "--fine-tune-layers",
-            "10",
-            "--batch-size",
-            "16",
-            "--tensorboard",
-            str(tmp_path / "tb"),
-            "--quantize",
-            "float16",
-            "--min-agreement",
-            "0",
-            "--out",
-            str(out),
+            sys.executable, "-m", "plcsense", "train", "images", str(parts),
+            "--arch", "mobilenet_v2", "--weights", "none", "--image-size", "32", "--fine-tune-epochs", "2",
+            "--time-budget", "240", "--tensorboard", str(tmp_path / "tb"), "--quantize", "float16",
+            "--min-agreement", "0", "--out", str(out),
         ],
         capture_output=True,
         text=True,
         timeout=600,
-    )
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "phase 2: fine-tuning the top 10 layers" in proc.stderr
+    # a progress line per phase and candidate, with the time spent and left
+    for phase in ("data", "frozen", "augment", "fine-tune", "export"):
+        assert re.search(rf"\[{phase} +\d+s elapsed, +\d+s left\]", proc.stderr), phase
     m = load_bundle(out).manifest
     assert m.input.color_mode == "rgb" and m.input.channels == 3 and m.quantization == "float16"
+    assert m.input.height == 32 and m.metrics["train_samples"] == 72 + 18  # the refit learnt from train + val
+    assert {"test_accuracy", "val_accuracy"} <= set(m.metrics)
+    selection = json.loads((out / "report" / "selection.json").read_text())
+    assert selection["validation"] == "the val/ folder (18 photos)"
+    stages = {t["stage"] for t in selection["trials"]}
+    assert {"frozen", "fine-tune"} <= stages
+    assert any(t.get("augment") == "flips" for t in selection["trials"])
+    best = max(selection["trials"], key=lambda t: (round(t["val_accuracy"], 4), -t["val_loss"]))
+    assert selection["chosen"]["val_accuracy"] == best["val_accuracy"]
+    assert selection["elapsed_s_at_export"] < 240
     assert any((tmp_path / "tb").rglob("events.out.tfevents.*"))
     predicted = subprocess.run(
         [sys.executable, "-m", "plcsense", "predict", str(out), str(parts / "test" / "dark" / "000.png")],
@@ -189,8 +195,24 @@ def test_transfer_learning_two_phases_on_greyscale(parts, tmp_path):
         timeout=60,
     )
     assert predicted.returncode == 0
-    _, label, score = predicted.stdout.strip().split("\t")
+    _, label, score = predicted.stdout.strip().split("\t")[:3]
     assert label in m.labels and 0 <= float(score) <= 1
+
+
+def test_interrupted_selection_exports_the_best_model_so_far(parts, tmp_path, monkeypatch):
+    """Ctrl-C in fine-tuning: the frozen probe chosen so far is exported, marked interrupted."""
+    from plcsense.training import image_select
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(image_select.FineTuner, "fit", interrupt)
+    cfg = ImageTrainConfig(arch="mobilenet_v2", weights=None, image_size=32, time_budget=240, name="parts")
+    bundle = train_images(parts, tmp_path / "b", cfg)
+    m = bundle.manifest
+    assert m.metrics["interrupted"] == 1.0 and m.metrics["test_accuracy"] >= 0.9
+    chosen = json.loads((tmp_path / "b" / "report" / "selection.json").read_text())["chosen"]
+    assert chosen["stage"] == "frozen"
 
 
 def test_corrupt_and_odd_images_are_handled(tmp_path):
@@ -243,7 +265,6 @@ def test_neu_subsample_with_imagenet_weights(tmp_path):
         arch="mobilenet_v2",
         weights=str(WEIGHTS),
         image_size=96,
-        epochs=15,
         fine_tune_epochs=0,
         augment=None,
         val_split=0.2,

@@ -51,9 +51,13 @@ def default_image_size(arch: str) -> int:
 
 
 def build_backbone(arch: str, input_shape: tuple[int, int, int], weights: str | None) -> keras.Model:
-    """The headless backbone with ``weights``: ``imagenet`` (Keras download), None, or a local ``.h5`` path."""
+    """The headless backbone with ``weights``: ``imagenet`` (Keras download), None, or a local ``.h5`` path.
+
+    ``input_shape`` may leave height and width None: one backbone then serves every input resolution a training
+    run tries (the convolutions do not depend on the size).
+    """
     spec = BACKBONES[arch]
-    if min(input_shape[:2]) < spec.min_size:
+    if min(d or spec.min_size for d in input_shape[:2]) < spec.min_size:
         raise WeightsError(f"{arch} needs images of at least {spec.min_size} px; raise --image-size")
     if weights not in (None, "imagenet") and not Path(weights).is_file():
         raise WeightsError(f"weights file {weights} not found")
@@ -74,6 +78,31 @@ def build_backbone(arch: str, input_shape: tuple[int, int, int], weights: str | 
         ) from None
 
 
+POOLINGS = ("avg", "avgmax")
+"""How the head pools the backbone's feature maps: their mean, or their mean and maximum side by side. The
+maximum keeps a small defect's response that the mean over a large textured background dilutes."""
+
+
+def pool(feature_maps: object, pooling: str) -> object:
+    """Global pooling of (batch, h, w, c) feature maps into (batch, c) or (batch, 2c) features."""
+    mean = layers.GlobalAveragePooling2D(name="pool")(feature_maps)
+    if pooling == "avg":
+        return mean
+    peak = layers.GlobalMaxPooling2D(name="pool_max")(feature_maps)
+    return layers.Concatenate(name="pool_avgmax")([mean, peak])
+
+
+def head(
+    feature_shape: tuple[int | None, ...], num_classes: int, *, pooling: str = "avg", dropout: float = 0.2
+) -> keras.Model:
+    """Feature maps to class probabilities: pooling, dropout, one dense softmax layer."""
+    head_in = keras.Input(feature_shape, name="feature_maps")
+    h = layers.Dropout(dropout, name="head_dropout")(pool(head_in, pooling))
+    # float32 under mixed precision too: a softmax in 16 bits rounds probabilities near 1 and the loss with them
+    probabilities = layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")
+    return keras.Model(head_in, probabilities(h), name="head")
+
+
 @dataclass
 class Classifier:
     """A classifier on raw pixels, plus the parts transfer learning trains separately."""
@@ -86,6 +115,14 @@ class Classifier:
     """Feature maps to class probabilities."""
 
 
+def preprocessed(arch: str, pixels: object) -> object:
+    """Raw 0..255 pixels rescaled the way ``arch`` expects (a no-op for models that rescale themselves)."""
+    spec = BACKBONES[arch]
+    if spec.rescale:
+        return layers.Rescaling(spec.rescale[0], offset=spec.rescale[1], name="preprocess")(pixels)
+    return pixels
+
+
 def classifier(
     arch: str,
     input_shape: tuple[int, int, int],
@@ -93,32 +130,64 @@ def classifier(
     *,
     weights: str | None = "imagenet",
     dropout: float = 0.2,
+    pooling: str = "avg",
+    backbone: keras.Model | None = None,
 ) -> Classifier:
     """Build the classifier; for a backbone, the head sits on top of the frozen pretrained network.
 
     The backbone is called with ``training=False`` so its BatchNorm layers stay in inference mode during
     fine-tuning: updating their statistics on a small batch of factory photos wrecks the pretrained features.
+    ``backbone``: an already built (and possibly fine-tuned) backbone of ``arch`` to reuse instead of a new one.
     """
     if arch == "scratch":
         return Classifier(scratch_cnn(input_shape, num_classes))
-    spec = BACKBONES[arch]
-    backbone = build_backbone(arch, input_shape, weights)
-    backbone.trainable = False
+    if backbone is None:
+        backbone = build_backbone(arch, input_shape, weights)
+        backbone.trainable = False
     inputs = keras.Input(input_shape, name="pixels")
-    x = inputs
-    if spec.rescale:
-        x = layers.Rescaling(spec.rescale[0], offset=spec.rescale[1], name="preprocess")(x)
-    feature_maps = backbone(x, training=False)
+    feature_maps = backbone(preprocessed(arch, inputs), training=False)
     features = keras.Model(inputs, feature_maps, name="features")
+    top = head(feature_maps.shape[1:], num_classes, pooling=pooling, dropout=dropout)
+    model = keras.Model(inputs, top(feature_maps), name=f"{arch}_classifier")
+    return Classifier(model, backbone, features, top)
 
-    head_in = keras.Input(feature_maps.shape[1:], name="feature_maps")
-    h = layers.GlobalAveragePooling2D(name="pool")(head_in)
-    h = layers.Dropout(dropout, name="head_dropout")(h)
-    # float32 under mixed precision too: a softmax in 16 bits rounds probabilities near 1 and the loss with them
-    probabilities = layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")
-    head = keras.Model(head_in, probabilities(h), name="head")
-    model = keras.Model(inputs, head(feature_maps), name=f"{arch}_classifier")
-    return Classifier(model, backbone, features, head)
+
+def top_part(backbone: keras.Model, cut: str | None) -> keras.Model:
+    """The backbone from the output of layer ``cut`` to its end (the whole backbone when ``cut`` is None).
+
+    The part shares its layers with ``backbone``: training it trains them. Raises ValueError when a layer above
+    the cut also reads something from below it (a skip connection across the cut).
+    """
+    if cut is None:
+        return backbone
+    return keras.Model(backbone.get_layer(cut).output, backbone.output, name=f"above_{cut}")
+
+
+def cut_near(backbone: keras.Model, fraction: float) -> str | None:
+    """The deepest layer at or below ``fraction`` of the backbone's depth where the network can be cut in two.
+
+    Above such a layer a part can be trained on its cached outputs; None when there is none (e.g. at 0).
+    """
+    names = [layer.name for layer in backbone.layers]
+    for index in range(int(fraction * (len(names) - 1)), 0, -1):
+        try:
+            top_part(backbone, names[index])
+        except ValueError:
+            continue
+        return names[index]
+    return None
+
+
+def unfreeze_above(backbone: keras.Model, cut: str | None) -> int:
+    """Make the layers above ``cut`` (all when None) trainable, BatchNorm excepted; return how many are."""
+    backbone.trainable = True
+    names = [layer.name for layer in backbone.layers]
+    start = names.index(cut) + 1 if cut else 0
+    count = 0
+    for i, layer in enumerate(backbone.layers):
+        layer.trainable = i >= start and bool(layer.weights) and not isinstance(layer, layers.BatchNormalization)
+        count += layer.trainable
+    return count
 
 
 def unfreeze_top(backbone: keras.Model, n_layers: int) -> int:

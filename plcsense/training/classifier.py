@@ -180,10 +180,22 @@ class ClassifierRun:
         except KeyboardInterrupt:
             self.interrupted = True
 
-    def export(self, out: Path, model: keras.Model, spec: InputSpec, *, show_misclassified: bool = False) -> Bundle:
+    def export(
+        self,
+        out: Path,
+        model: keras.Model,
+        spec: InputSpec,
+        *,
+        show_misclassified: bool = False,
+        held_out_name: str = "test",
+        extra_metrics: dict[str, float] | None = None,
+        report_files: dict[str, str] | None = None,
+    ) -> Bundle:
         """Export ``model`` with its manifest; test figures and ``report/`` come from the LiteRT model.
 
         ``show_misclassified``: the held-out inputs are pictures, drawn in ``report/misclassified.png``.
+        ``held_out_name`` prefixes the held-out figures (``fit`` when the model was refitted on them);
+        ``extra_metrics`` go into the manifest, ``report_files`` (name -> text) into ``report/``.
         """
         cfg, splits = self.cfg, self.splits
         manifest = new_manifest(
@@ -202,11 +214,12 @@ class ClassifierRun:
         )
         if self.interrupted:
             manifest.metrics["interrupted"] = 1.0
+        manifest.metrics.update(extra_metrics or {})
         inputs, labels = splits.held_out
 
         def score(lite: LiteRTModel) -> dict[str, float]:
             scores = classification_scores(predict_all(lite, inputs), labels)
-            return {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"]}
+            return {f"{held_out_name}_accuracy": scores["accuracy"], f"{held_out_name}_loss": scores["loss"]}
 
         def report(lite: LiteRTModel, folder: Path) -> None:
             classification_report_files(
@@ -217,6 +230,8 @@ class ClassifierRun:
                 images=inputs if show_misclassified else None,
                 history=self.history,
             )
+            for name, text in (report_files or {}).items():
+                (folder / name).write_text(text)
 
         quantization = Quantization(cfg.quantize, splits.train[0], cfg.min_agreement)
         return export_bundle(out, model, manifest, inputs, score, quantization=quantization, report=report)

@@ -1,0 +1,568 @@
+"""Transfer learning on an ImageNet backbone, with its settings chosen by validation within a time budget.
+
+Stages, cheapest first, each planned against the time left (``report/selection.json`` lists every trial, what
+was skipped and why, and the choice):
+
+1. frozen: pooled features of the frozen backbone at each candidate resolution; a logistic-regression probe per
+   pooling x class weighting x L2 strength picks resolution, pooling and weighting.
+2. augmentation: the same probe fitted on the photos plus their flipped copies, kept when validation agrees.
+3. fine-tuning: the top quarter, half or whole backbone trained on cached activations, starting from that probe
+   as the head, with warm-up and cosine decay and early stopping; kept only when it beats the frozen probe.
+4. refit: the winner trained again on all training and validation photos (for the epochs validation chose), then
+   exported. The test/ folder, when there is one, is only scored by the export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+from PIL import Image
+from sklearn.model_selection import train_test_split
+
+from plcsense.models.backbones import BACKBONES, POOLINGS, build_backbone, classifier, cut_near, head
+from plcsense.models.bundle import Bundle, ImageSpec
+from plcsense.models.inputs import InputError, load_image_file
+from plcsense.training.classifier import ClassifierRun, Schedule, Splits
+from plcsense.training.data import IMAGE_SUFFIXES, DataError, class_folders
+from plcsense.training.image_select import (
+    DEPTHS,
+    FLIPS,
+    STRENGTHS,
+    WEIGHTINGS,
+    Clock,
+    FineTuner,
+    Folds,
+    Probe,
+    Tap,
+    Trial,
+    flip,
+    pooled_view,
+    probe_trial,
+)
+from plcsense.training.images import ImageTrainConfig
+
+log = logging.getLogger("plcsense.training")
+
+MAX_SIDE = 448
+"""Largest resolution tried: twice the backbones' native 224, at a quarter of the speed."""
+DEPTH_COST = {"top": 1.0, "half": 2.5, "whole": 5.0}
+"""Rough cost of an epoch relative to the top quarter's, to plan a deeper trial before trying it."""
+
+
+@dataclass
+class Photos:
+    """Paths and labels of photos; ``from_val`` marks those of the user's val/ folder."""
+
+    files: list[Path]
+    labels: np.ndarray
+    from_val: np.ndarray
+
+    def take(self, index: np.ndarray | list[int]) -> Photos:
+        index = np.asarray(index, dtype=int)
+        return Photos([self.files[i] for i in index], self.labels[index], self.from_val[index])
+
+
+def list_photos(root: Path, classes: list[str] | None = None, *, from_val: bool = False) -> tuple[Photos, list[str]]:
+    """``root/<class>/*`` image files; ``classes`` fixes the label order (a folder outside it is an error)."""
+    folders = class_folders(root)
+    names = classes or [f.name for f in folders]
+    files: list[Path] = []
+    labels: list[int] = []
+    for folder in folders:
+        if folder.name not in names:
+            raise DataError(f"{folder}: class {folder.name!r} is not one of the training classes ({', '.join(names)})")
+        found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise DataError(f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        files += found
+        labels += [names.index(folder.name)] * len(found)
+    return Photos(files, np.asarray(labels), np.full(len(files), from_val)), names
+
+
+def load_pixels(photos: Photos, side: int) -> tuple[np.ndarray, Photos]:
+    """(n, side, side, 3) uint8 through the worker's own decoder; unreadable files are left out and named."""
+    spec = ImageSpec(height=side, width=side, channels=3, color_mode="rgb")
+    pixels, kept, skipped = [], [], []
+    for i, file in enumerate(photos.files):
+        try:
+            pixels.append(np.clip(np.rint(load_image_file(str(file), spec)), 0, 255).astype(np.uint8))
+            kept.append(i)
+        except (InputError, OSError) as exc:
+            skipped.append(f"{file}: {exc}")
+    if skipped:
+        log.warning("skipped %d unreadable images:\n  %s", len(skipped), "\n  ".join(skipped))
+    if not pixels:
+        raise DataError("no readable images")
+    return np.stack(pixels), photos.take(kept)
+
+
+def native_side(files: list[Path], sample: int = 50) -> int:
+    """Median side of the photos (geometric mean of width and height), from a sample of file headers."""
+    sides = []
+    for file in files[:: max(1, len(files) // sample)]:
+        try:
+            with Image.open(file) as image:
+                sides.append(math.sqrt(image.width * image.height))
+        except OSError:
+            continue
+    return int(np.median(sides)) if sides else 224
+
+
+def resolutions(arch: str, native: int, pinned: int | None) -> list[int]:
+    """The backbone's native size, plus the photos' own when it differs by more than a third; cheapest first."""
+    if pinned:
+        return [pinned]
+    default = BACKBONES[arch].default_size
+    own = max(BACKBONES[arch].min_size, min(MAX_SIDE, 32 * round(native / 32)))
+    if abs(math.log(own / default)) < math.log(4 / 3):
+        return [default]
+    return sorted({default, own})
+
+
+def depths(backbone: keras.Model, fine_tune_layers: int | None, fine_tune_epochs: int) -> dict[str, str | None]:
+    """Fine-tuning candidates, name -> the layer below the trained part (None: the whole backbone)."""
+    if fine_tune_layers == 0 or fine_tune_epochs <= 0:
+        return {}
+    if fine_tune_layers is not None:
+        n = len(backbone.layers)
+        return {f"top {fine_tune_layers} layers": cut_near(backbone, max(0.0, (n - 1 - fine_tune_layers) / (n - 1)))}
+    return {name: cut_near(backbone, fraction) if fraction else None for name, fraction in DEPTHS.items()}
+
+
+class Selection:
+    """The trials of one run and the best so far; writes ``report/selection.json``."""
+
+    def __init__(self, clock: Clock, folds: Folds) -> None:
+        self.clock, self.folds = clock, folds
+        self.trials: list[Trial] = []
+        self.skipped: list[dict[str, object]] = []
+        self.best: Trial | None = None
+        self.notes: dict[str, object] = {}
+
+    def add(self, trial: Trial) -> Trial:
+        self.trials.append(trial)
+        self.clock.progress(
+            trial.stage,
+            "%s: validation accuracy %.4f, loss %.4f (%.0f s)",
+            ", ".join(f"{k} {v}" for k, v in trial.settings.items()),
+            trial.accuracy,
+            trial.loss,
+            trial.seconds,
+        )
+        if self.best is None or trial.key() > self.best.key():
+            self.best = trial
+        return trial
+
+    def skip(self, stage: str, candidate: str, reason: str) -> None:
+        self.skipped.append({"stage": stage, "candidate": candidate, "reason": reason})
+        self.clock.progress(stage, "skipped %s: %s", candidate, reason)
+
+    def report(self) -> str:
+        return json.dumps(
+            {
+                "time_budget_s": self.clock.budget,
+                "elapsed_s_at_export": round(self.clock.elapsed, 1),
+                "validation": self.folds.describe,
+                "chosen": self.best.record() if self.best else None,
+                "why": "the highest mean validation accuracy of the trials (then the lowest validation loss); a "
+                "fine-tuning trial includes its starting point, the frozen probe",
+                **self.notes,
+                "trials": [t.record() for t in self.trials],
+                "skipped": self.skipped,
+            },
+            indent=2,
+        )
+
+
+class BackboneRun:
+    """One ``train images`` run on a backbone: the stages of the module docstring, then the export."""
+
+    def __init__(self, data_dir: Path, cfg: ImageTrainConfig) -> None:
+        self.data_dir, self.cfg = data_dir, cfg
+        self.clock = Clock(cfg.time_budget)
+        root = data_dir / "train" if (data_dir / "train").is_dir() else data_dir
+        train, self.classes = list_photos(root)
+        if len(self.classes) < 2:
+            raise DataError(f"{data_dir} has one class folder ({self.classes[0]}); a classifier needs at least two")
+        nested = root != data_dir
+        val = (
+            list_photos(data_dir / "val", self.classes, from_val=True)[0]
+            if nested and (data_dir / "val").is_dir()
+            else None
+        )
+        self.test = list_photos(data_dir / "test", self.classes)[0] if nested and (data_dir / "test").is_dir() else None
+        if self.test is None and cfg.test_split:
+            keep, held = train_test_split(
+                np.arange(len(train.files)), test_size=cfg.test_split, random_state=cfg.seed, stratify=train.labels
+            )
+            train, self.test = train.take(np.sort(keep)), train.take(np.sort(held))
+        self.pool = (
+            train
+            if val is None
+            else Photos(
+                train.files + val.files,
+                np.concatenate([train.labels, val.labels]),
+                np.concatenate([train.from_val, val.from_val]),
+            )
+        )
+        self.n_classes = len(self.classes)
+        weights = None if cfg.weights in (None, "none") else cfg.weights
+        self.backbone = build_backbone(cfg.arch, (None, None, 3), weights)
+        self.backbone.trainable = False
+        self.pretrained = self.backbone.get_weights()
+        self.depths = depths(self.backbone, cfg.fine_tune_layers, cfg.fine_tune_epochs)
+        self.cuts = sorted(
+            {c for c in self.depths.values() if c}, key=[layer.name for layer in self.backbone.layers].index
+        )
+        keras.utils.set_random_seed(cfg.seed)
+
+    # ------------------------------------------------------------------------------------------------ stages
+    def run(self, out: Path) -> Bundle:
+        cfg, clock = self.cfg, self.clock
+        native = native_side(self.pool.files)
+        sides = resolutions(cfg.arch, native, cfg.image_size)
+        clock.progress(
+            "data", "%d classes, %d photos to learn from (median side %d px); resolutions to try %s",
+            self.n_classes, len(self.pool.files), native, sides,
+        )  # fmt: skip
+        self.tap = Tap(cfg.arch, self.backbone, self.cuts)
+        clock.progress("data", "frozen %s converted to LiteRT in %.0f s", cfg.arch, self.tap.convert_seconds)
+        self.ready: tuple[int, str, list[np.ndarray], list[np.ndarray]] | None = None
+        """(side, pooling, backbone weights, head weights) of a complete model to export, the best so far."""
+        self.selection: Selection | None = None
+        interrupted = False
+        try:
+            self._frozen(sides)
+            self._augmentation()
+            self._fine_tuning()
+            self._refit()
+        except KeyboardInterrupt:
+            interrupted = True
+            log.warning("training interrupted: exporting the best model so far")
+            if self.ready is None:
+                if self.selection is None or self.selection.best is None:
+                    raise
+                self._refit_probe()
+        return self._export(out, interrupted)
+
+    def _frozen(self, sides: list[int]) -> None:
+        """Stage 1: resolution, pooling, class weighting and L2 strength, with a probe on frozen pooled features."""
+        cfg, clock = self.cfg, self.clock
+        weightings = list(WEIGHTINGS) if cfg.class_weights is None else ["balanced" if cfg.class_weights else "none"]
+        counts = np.bincount(self.pool.labels, minlength=self.n_classes)
+        if counts.max() <= 1.2 * counts.min():  # (nearly) balanced classes: every weighting is the same probe
+            weightings = weightings[:1]
+        for i, side in enumerate(sides):
+            if i:
+                cost = self._extract_seconds(side) * 1.5
+                if cost > 0.3 * clock.remaining:
+                    self.selection.skip("frozen", f"{side} px", f"~{cost:.0f} s of the {clock.remaining:.0f} s left")
+                    continue
+            pixels, kept = load_pixels(self.pool, side)
+            if self.selection is None:
+                self.pool = kept  # unreadable photos are left out of everything from here on
+                folds = self._folds()
+                self.selection = Selection(clock, folds)
+                clock.progress("data", "validation: %s", folds.describe)
+            pooled, acts = self.tap.run(pixels)
+            clock.progress("frozen", "%d px features (%.0f photos/s at 224 px)", side, self.tap.rate)
+            # one setting at a time (L2 strength, then pooling, then weighting), the others at their best so far;
+            # a further resolution tries the best settings of the first
+            base = dict(self.selection.best.settings) if i else {"pooling": "avg", "weighting": weightings[0]}
+            plan = (
+                [("strength", STRENGTHS), ("pooling", POOLINGS), ("weighting", weightings)]
+                if not i
+                else [("strength", ())]
+            )
+            tried: set[tuple] = set()
+            for name, values in plan:
+                for value in values or [base["strength"]]:
+                    settings = dict(base, resolution=side, **{name: value})
+                    if tuple(settings.items()) in tried or (tried and clock.remaining < self._export_seconds() + 60):
+                        continue
+                    tried.add(tuple(settings.items()))
+                    view = pooled_view(pooled, str(settings["pooling"]))
+                    trial = self.selection.add(
+                        probe_trial(
+                            lambda _, v=view: v, self.pool.labels, self.selection.folds, self.n_classes, settings
+                        )
+                    )
+                    if trial is self.selection.best:
+                        self.side, self.pixels, self.pooled, self.acts = side, pixels, [pooled], [acts]
+                base = {k: v for k, v in self.selection.best.settings.items() if k != "resolution"}
+            del pixels, pooled, acts
+        self.settings = dict(self.selection.best.settings, augment="none")
+        self._refit_probe()
+
+    def _augmentation(self) -> None:
+        """Stage 2: flipped copies, kept when the probe fitted on them validates at least as well."""
+        cfg, clock, selection = self.cfg, self.clock, self.selection
+        if cfg.augment is None or not cfg.augment.flip:
+            selection.skip("augment", "flips", "augmentation switched off")
+            return
+        cost = (len(FLIPS) - 1) * self._extract_seconds(self.side)
+        if cost > 0.35 * (clock.remaining - self._export_seconds()):
+            selection.skip("augment", "flips", f"copies would take ~{cost:.0f} s of the {clock.remaining:.0f} s left")
+            return
+        for copy in range(1, len(FLIPS)):
+            pooled, acts = self.tap.run(self.pixels, copy)
+            self.pooled.append(pooled)
+            self.acts.append(acts)
+        clock.progress("augment", "features of %d flipped copies of each photo", len(FLIPS) - 1)
+        before = selection.best
+        settings = dict(self.settings, augment="flips")
+        trial = probe_trial(
+            lambda c: pooled_view(self.pooled[c], str(settings["pooling"])),
+            self.pool.labels, selection.folds, self.n_classes, settings, copies=len(FLIPS),
+        )  # fmt: skip
+        selection.add(trial)
+        if trial.key() >= before.key():
+            self.settings = settings
+            selection.best = trial
+            self._refit_probe()
+        else:
+            self.pooled, self.acts = self.pooled[:1], self.acts[:1]
+
+    def _fine_tuning(self) -> None:
+        """Stage 3: each depth, shallowest first, while the budget allows it and its refit."""
+        clock, selection = self.clock, self.selection
+        folds = selection.folds.pairs
+        n_fold = float(np.mean([len(t) for t, _ in folds]))
+        previous: tuple[str, float] | None = None
+        for name, cut in self.depths.items():
+            available = clock.remaining - self._export_seconds()
+            share = len(folds) * n_fold / (len(folds) * n_fold + len(self.pool.files))
+            budget = available * share
+            if previous:
+                epoch = previous[1] * DEPTH_COST.get(name, 1.0) / DEPTH_COST.get(previous[0], 1.0)
+                if 3 * epoch * len(folds) > budget:
+                    selection.skip(
+                        "fine-tune",
+                        name,
+                        f"3 epochs x {len(folds)} folds ~{3 * epoch * len(folds):.0f} s, {budget:.0f} s available",
+                    )
+                    continue
+            if budget < 20:
+                selection.skip("fine-tune", name, f"{budget:.0f} s available")
+                continue
+            result = self._fine_tune_trial(name, cut, budget)
+            if result is not None:
+                previous = (name, result)
+
+    def _fine_tune_trial(self, name: str, cut: str | None, budget: float) -> float | None:
+        """All folds of one depth; returns the seconds of an epoch, or None when even one did not fit."""
+        cfg, clock, selection = self.cfg, self.clock, self.selection
+        started = clock.elapsed
+        tuner = self._tuner(cut)
+        copies = len(self.pooled)
+        accuracy, loss, best_epochs, stopped, epoch_seconds = [], [], [], [], []
+        best_fold: tuple[tuple[float, float], list[np.ndarray]] | None = None
+        for k, (train, val) in enumerate(selection.folds.pairs):
+            fold_end = started + budget * (k + 1) / len(selection.folds.pairs)
+            self.backbone.set_weights(self.pretrained)
+            self._set_head(tuner, train)
+            timer = {"start": clock.elapsed}
+
+            def on_epoch(epoch: int, figures: dict[str, float], k: int = k, timer: dict = timer) -> None:
+                epoch_seconds.append(clock.elapsed - timer["start"])
+                timer["start"] = clock.elapsed
+                clock.progress(
+                    "fine-tune", "%s, fold %d/%d, epoch %d: %s", name, k + 1, len(selection.folds.pairs), epoch,
+                    ", ".join(f"{key} {value:.4f}" for key, value in figures.items()),
+                )  # fmt: skip
+
+            result = tuner.fit(
+                self._batches(cut), self.pool.labels, train, val,
+                copies=copies, weighting=str(self.settings["weighting"]), max_epochs=cfg.fine_tune_epochs,
+                patience=cfg.patience or 4, deadline=lambda seconds, end=fold_end: clock.elapsed + seconds > end,
+                on_epoch=on_epoch,
+            )  # fmt: skip
+            accuracy.append(result.accuracy)
+            loss.append(result.loss)
+            best_epochs.append(result.best_epoch)
+            stopped.append(result.stopped)
+            if result.weights is not None and (best_fold is None or (result.accuracy, -result.loss) > best_fold[0]):
+                best_fold = ((result.accuracy, -result.loss), result.weights)
+            if k == 0:
+                self.curves = result.curves
+            if clock.elapsed > started + budget and k + 1 < len(selection.folds.pairs):
+                selection.skip("fine-tune", name, f"the budget ended after fold {k + 1}")
+                self.backbone.set_weights(self.pretrained)
+                return None
+        settings = dict(self.settings, depth=name, trainable_layers=tuner.trainable)
+        extra = {"best_epochs": best_epochs, "stopped": sorted(set(stopped))}
+        trial = selection.add(
+            Trial("fine-tune", settings, float(np.mean(accuracy)), float(np.mean(loss)), clock.elapsed - started, extra)
+        )
+        if trial is selection.best:
+            self.tuned = (cut, int(np.median(best_epochs)), float(np.mean(epoch_seconds)), best_fold)
+        self.backbone.set_weights(self.pretrained)
+        return float(np.mean(epoch_seconds)) if epoch_seconds else None
+
+    def _refit(self) -> None:
+        """Stage 4: the chosen settings on every photo; the frozen probe is already refitted."""
+        best = self.selection.best
+        if best.stage != "fine-tune":
+            return
+        cut, epochs, epoch_seconds, best_fold = self.tuned
+        if epochs == 0:
+            self.selection.notes["refit"] = "fine-tuning never beat its starting point: the frozen probe is exported"
+            return
+        self.backbone.set_weights(self.pretrained)
+        tuner = self._tuner(cut)
+        everything = np.arange(len(self.pool.files))
+        self._set_head(tuner, everything)
+        n_fold = np.mean([len(t) for t, _ in self.selection.folds.pairs])
+        cost = epochs * epoch_seconds * len(everything) / n_fold
+        if cost > self.clock.remaining - self._export_seconds():
+            weights = best_fold[1]
+            tuner.restore(weights)
+            self.selection.notes["refit"] = f"no time to refit (~{cost:.0f} s): the best fold's model is exported"
+        else:
+            self.clock.progress(
+                "refit", "%s on all %d photos for %d epochs", best.settings["depth"], len(everything), epochs
+            )
+            tuner.fit(
+                self._batches(cut), self.pool.labels, everything, None,
+                copies=len(self.pooled), weighting=str(self.settings["weighting"]),
+                max_epochs=self.cfg.fine_tune_epochs, epochs=epochs,
+                on_epoch=lambda e, f: self.clock.progress("refit", "epoch %d: %s", e, f"loss {f['loss']:.4f}"),
+            )  # fmt: skip
+            self.selection.notes["refit"] = f"fine-tuned on all {len(everything)} photos for {epochs} epochs"
+        self.ready = (self.side, str(self.settings["pooling"]), self.backbone.get_weights(), self.head.get_weights())
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _folds(self) -> Folds:
+        cfg = self.cfg
+        from_val = self.pool.from_val
+        if from_val.any():
+            train = np.flatnonzero(~from_val)
+            val = np.flatnonzero(from_val)
+            return Folds([(train, val)], f"the val/ folder ({len(val)} photos)")
+        if cfg.val_split:
+            train, val = train_test_split(
+                np.arange(len(self.pool.files)),
+                test_size=cfg.val_split,
+                random_state=cfg.seed,
+                stratify=self.pool.labels,
+            )
+            return Folds([(np.sort(train), np.sort(val))], f"a stratified {cfg.val_split:.0%} validation part")
+        return Folds.make(self.pool.labels, None, cfg.seed)
+
+    def _extract_seconds(self, side: int) -> float:
+        return len(self.pool.files) * (side / 224) ** 2 / max(self.tap.rate, 1e-6)
+
+    def _export_seconds(self) -> float:
+        """Conversion, the ood fit (Keras, ~2.5x slower than LiteRT) and LiteRT scoring of the export."""
+        held = len(self.test.files) if self.test else 0
+        seconds = 1.5 * self.tap.convert_seconds + 10
+        seconds += self._extract_seconds(self.side) * (2.5 + (held + len(self.pool.files) * 0.2) / len(self.pool.files))
+        if self.cfg.quantize != "none":
+            seconds += 2.5 * self.tap.convert_seconds + self._extract_seconds(self.side) * held / len(self.pool.files)
+        return seconds
+
+    def _new_head(self) -> keras.Model:
+        # no dropout: the head starts as the probe, whose L2 penalty is its regulariser, and dropping features the
+        # probe relies on would shake the head just when the backbone starts to move
+        channels = self.backbone.output.shape[-1]
+        return head((None, None, channels), self.n_classes, pooling=str(self.settings["pooling"]), dropout=0.0)
+
+    def _tuner(self, cut: str | None) -> FineTuner:
+        self.head = self._new_head()
+        return FineTuner(
+            self.cfg.arch, self.backbone, self.head, cut, self.n_classes,
+            learning_rate=self.cfg.fine_tune_learning_rate, batch_size=self.cfg.batch_size, seed=self.cfg.seed,
+        )  # fmt: skip
+
+    def _probe(self, index: np.ndarray) -> Probe:
+        copies = len(self.pooled)
+        view = [pooled_view(p, str(self.settings["pooling"])) for p in self.pooled]
+        x = np.concatenate([view[c][index] for c in range(copies)])
+        y = np.tile(self.pool.labels[index], copies)
+        return Probe.fit(x, y, self.n_classes, str(self.settings["weighting"]), float(self.settings["strength"]))
+
+    def _set_head(self, tuner: FineTuner, index: np.ndarray) -> None:
+        probe = self._probe(index)
+        tuner.head.get_layer("probabilities").set_weights([probe.weights, probe.bias])
+
+    def _refit_probe(self) -> None:
+        """The frozen probe with the current settings on every photo: a complete model, ready to export."""
+        self.settings = getattr(self, "settings", None) or dict(self.selection.best.settings, augment="none")
+        self.head = self._new_head()
+        probe = self._probe(np.arange(len(self.pool.files)))
+        self.head.get_layer("probabilities").set_weights([probe.weights, probe.bias])
+        self.ready = (self.side, str(self.settings["pooling"]), self.pretrained, self.head.get_weights())
+
+    def _batches(self, cut: str | None):
+        if cut is None:
+            return lambda idx, copies: np.stack(
+                [flip(self.pixels[i : i + 1], c)[0] for i, c in zip(idx, copies, strict=True)]
+            ).astype(np.float32)
+        slot = self.cuts.index(cut)
+        return lambda idx, copies: np.stack([self.acts[c][slot][i] for i, c in zip(idx, copies, strict=True)]).astype(
+            np.float32
+        )
+
+    # ------------------------------------------------------------------------------------------------ export
+    def _export(self, out: Path, interrupted: bool) -> Bundle:
+        side, pooling, backbone_weights, head_weights = self.ready
+        self.backbone.set_weights(backbone_weights)
+        net = classifier(self.cfg.arch, (side, side, 3), self.n_classes, pooling=pooling, backbone=self.backbone)
+        net.head.set_weights(head_weights)
+        spec = ImageSpec(height=side, width=side, channels=3, color_mode="rgb")
+        pixels = self.pixels if side == self.side else load_pixels(self.pool, side)[0]
+        val_index = self.selection.folds.pairs[0][1]
+        test = (np.zeros((0, side, side, 3), np.float32), np.zeros(0, int))
+        if self.test is not None:
+            test_pixels, tested = load_pixels(self.test, side)
+            test = (test_pixels.astype(np.float32), tested.labels)
+        splits = Splits(
+            self.classes,
+            (pixels, self.pool.labels),
+            (pixels[val_index].astype(np.float32), self.pool.labels[val_index]),
+            test,
+        )
+        cfg = self.cfg
+        run = ClassifierRun(
+            self.data_dir, cfg, splits, Schedule(patience=0, lr_factor=1, lr_patience=0, min_lr=0),
+            describe=f"{side}x{side} images, {cfg.arch}",
+        )  # fmt: skip
+        run.interrupted = interrupted
+        run.history = getattr(self, "curves", {})
+        best = self.selection.best
+        if cfg.tensorboard:
+            self._tensorboard(cfg.tensorboard)
+        self.clock.progress("export", "exporting %s", ", ".join(f"{k} {v}" for k, v in best.settings.items()))
+        return run.export(
+            out,
+            net.model,
+            spec,
+            show_misclassified=True,
+            # without a test part the figures are on validation photos the refit has learnt from
+            held_out_name="test" if len(test[1]) else "fit",
+            extra_metrics={"val_accuracy": best.accuracy, "val_loss": best.loss},
+            report_files={"selection.json": self.selection.report()},
+        )
+
+
+    def _tensorboard(self, folder: Path) -> None:
+        """Each trial's validation figures, and the curves of the chosen fine-tuning's first fold."""
+        import tensorflow as tf
+
+        with tf.summary.create_file_writer(str(folder)).as_default():
+            for step, trial in enumerate(self.selection.trials):
+                tf.summary.scalar(f"selection/{trial.stage}/val_accuracy", trial.accuracy, step=step)
+                tf.summary.scalar(f"selection/{trial.stage}/val_loss", trial.loss, step=step)
+            for name, values in getattr(self, "curves", {}).items():
+                for step, value in enumerate(values, 1):
+                    tf.summary.scalar(f"fine_tune/{name}", value, step=step)
+
+
+def train_backbone(data_dir: Path, out: Path, cfg: ImageTrainConfig) -> Bundle:
+    return BackboneRun(data_dir, cfg).run(out)
