@@ -283,3 +283,26 @@ def test_capture_stays_bounded_and_trains_after_labelling(
         ImageTrainConfig(arch="scratch", image_size=16, epochs=2, batch_size=8, augment=None),
     )
     assert sorted(bundle.manifest.labels) == sorted(p.name for p in image_data.iterdir())
+
+
+def test_version_folder_must_match_the_manifest_and_a_trial_can_end(tmp_path, versions):
+    repo = tmp_path / "repo" / "pump"
+    repo.mkdir(parents=True)
+    publish_version(repo, versions["1"], "1")
+    publish_version(repo, versions["2"], "7")  # a bundle of version 2 under another name
+    publish_version(repo, versions["2"], "2")
+    metrics = Metrics()
+    pipeline = Pipeline(Settings(routes=[route(repo, version="7", candidate="2")]), metrics, lambda i, a: None)
+    pipeline.load_models()
+    r = pipeline.routes[0]
+    assert r.serving is None and "folder '7'" in r.load_error
+    pipeline.close()
+
+    pipeline = Pipeline(Settings(routes=[route(repo, version="1", candidate="2")]), Metrics(), lambda i, a: None)
+    pipeline.load_models()
+    r = pipeline.routes[0]
+    assert r.candidate is not None and r.candidate.version == "2"
+    assert pipeline.end_trial("pump") == "1" and r.candidate is None
+    pipeline.reload()
+    assert r.candidate is None and r.serving.version == "1", "an ended trial does not come back on the next poll"
+    pipeline.close()

@@ -43,8 +43,9 @@ def _csv(window: np.ndarray, channels: list[str]) -> bytes:
 class Capture:
     """One route's capture directory."""
 
-    def __init__(self, route: str, settings: CaptureSettings, metrics: Metrics) -> None:
+    def __init__(self, route: str, settings: CaptureSettings, metrics: Metrics, worker: str) -> None:
         self.route = route
+        self._worker = worker  # in file names: replicas sharing one capture folder never overwrite each other
         self.settings = settings
         self._outcomes = {o: metrics.captures.labels(route, o) for o in ("written", "full", "dropped")}
         self._queue: queue.Queue[tuple[str, str, bytes, dict[str, Any]]] = queue.Queue(maxsize=256)
@@ -85,7 +86,7 @@ class Capture:
             self._outcomes["full"].inc()
             return
         self._n += 1
-        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{self._n:06d}.{suffix}"
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{self._worker}-{self._n:06d}.{suffix}"
         try:
             self._queue.put_nowait((folder, name, data, doc))
         except queue.Full:

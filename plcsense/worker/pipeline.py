@@ -191,7 +191,7 @@ class Pipeline:
             r = route.settings
             route.batcher = MicroBatcher(route.name, self._run_batch, r.max_batch, r.max_wait_ms / 1000)
             if r.capture is not None:
-                route.capture = Capture(route.name, r.capture, self.metrics)
+                route.capture = Capture(route.name, r.capture, self.metrics, self.settings.mqtt.client_id)
 
     def reload(self) -> None:
         """Look for new versions (poll, SIGHUP, control message): load and check each beside the old one and swap
@@ -226,6 +226,14 @@ class Pipeline:
         log.warning("route %s: rolled back from %s to %s", name, current, older)
         return older
 
+    def end_trial(self, name: str) -> str:
+        """Drop the candidate (end a canary or shadow) and keep serving the current version."""
+        route = self._named(name)
+        with self._reload_lock:
+            route.candidate = route.candidate_policy = None
+        log.warning("route %s: candidate dropped", name)
+        return route.serving.version if route.serving else "none"
+
     def _named(self, name: str) -> Route:
         for route in self.routes:
             if route.name == name:
@@ -257,6 +265,9 @@ class Pipeline:
         base = route.serving if candidate else current
         try:
             bundle = load_bundle(path, expect_digest=pin)
+            version = bundle.manifest.version
+            if path != r.model and version != path.name:  # promote and rollback go by folder name
+                raise BundleError(f"{path}: the manifest says version {version!r}, the folder {path.name!r}")
             self._check_fits(route, bundle)
             if candidate and base is not None and not _same_input(base.bundle, bundle):
                 raise BundleError(f"candidate {path} takes another input than the serving model")

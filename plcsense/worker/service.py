@@ -29,7 +29,8 @@ class Worker:
         self._poller: threading.Thread | None = None
 
     def control(self, payload: bytes) -> dict[str, Any]:
-        """One command from the control topic: ``{"command": "reload" | "promote" | "rollback", "route": ...}``."""
+        """One command from the control topic: ``{"command": "reload" | "promote" | "rollback" | "end_trial",
+        "route": ...}``."""
         try:
             doc = json.loads(payload)
             command, route = doc["command"], doc.get("route")
@@ -40,8 +41,10 @@ class Worker:
                 detail = f"serving version {self.pipeline.promote(route)}"
             elif command == "rollback":
                 detail = f"serving version {self.pipeline.rollback(route)}"
+            elif command == "end_trial":
+                detail = f"candidate dropped, serving version {self.pipeline.end_trial(route)}"
             else:
-                raise ValueError(f"unknown command {command!r}; use reload, promote or rollback")
+                raise ValueError(f"unknown command {command!r}; use reload, promote, rollback or end_trial")
         except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
             log.warning("control: refused %r: %s", payload[:200], exc)
             return {"ok": False, "detail": str(exc)}
