@@ -27,9 +27,11 @@ TRAIN_OPTIONS: dict[str, set[str]] = {
         "task", "columns", "epochs", "batch_size", "learning_rate", "seed", "val_split", "test_split",
         "no_class_weights", "tensorboard", "quantize", "min_agreement",
     },
+    "train sensors --detector auto": {"task", "detector", "window", "columns", "label_column", "time_budget"},
     "train sensors --detector ar": {"task", "detector", "window", "columns", "label_column"},
     "train sensors --detector autoencoder": {
         "task", "detector", "window", "columns", "label_column", "epochs", "batch_size", "learning_rate", "seed",
+        "time_budget",
     },
 }  # fmt: skip
 
@@ -39,7 +41,7 @@ def _training(args: argparse.Namespace) -> str:
         return "train images"
     if args.task in ("classify", "classification"):
         return "train sensors --task classify"
-    return f"train sensors --detector {args.detector or 'ar'}"
+    return f"train sensors --detector {args.detector or 'auto'}"
 
 
 def _train_usage_problem(args: argparse.Namespace) -> str | None:
@@ -122,8 +124,10 @@ def _train(args: argparse.Namespace) -> int:
         from plcsense.training.detectors import ARSettings
         from plcsense.training.sensors import AutoencoderSettings, SensorTrainConfig, train_sensor_anomaly
 
-        detector: ARSettings | AutoencoderSettings = ARSettings()
-        if args.detector == "autoencoder":
+        detector: ARSettings | AutoencoderSettings | None = None  # auto: chosen by validation
+        if args.detector == "ar":
+            detector = ARSettings()
+        elif args.detector == "autoencoder":
             fit = _given(
                 epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed
             )
@@ -131,7 +135,7 @@ def _train(args: argparse.Namespace) -> int:
         cfg = SensorTrainConfig(
             detector=detector,
             **common,
-            **_given(window=args.window, columns=columns, label_column=args.label_column),
+            **_given(window=args.window, columns=columns, label_column=args.label_column, time_budget=args.time_budget),
         )
         bundle = train_sensor_anomaly([Path(p) for p in args.data], Path(args.out), cfg)
     m = bundle.manifest
@@ -317,8 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument(
         "--time-budget",
         type=float,
-        help="backbones: seconds for the whole run on this machine; the settings tried are planned to fit "
-        "(default 600)",
+        help="seconds for the whole run on this machine: backbones plan the settings they try to fit it "
+        "(default 600); sensors choose and fit the anomaly detector within it (default 300)",
     )
     images.add_argument("--learning-rate", type=float, help="head/scratch/1-D CNN/autoencoder learning rate (1e-3)")
     images.add_argument(
@@ -347,13 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     sensors.add_argument(
         "--window",
         type=int,
-        help="readings per window (default 34 for the ar detector, 30 for the autoencoder)",
+        help="readings per window (default: the detector's own, 27 for the default ar, 30 for the autoencoder)",
     )
     sensors.add_argument(
         "--detector",
-        choices=["ar", "autoencoder"],
-        help="anomaly detector: ar (per-channel autoregressive innovations, default; least squares, so no epochs, "
-        "batches or seed) or autoencoder",
+        choices=["auto", "ar", "autoencoder"],
+        help="anomaly detector: auto (default: the AR settings that validate best on your later normal rows), "
+        "ar (per-channel autoregressive innovations; least squares, so no epochs, batches or seed) or autoencoder",
     )
     sensors.add_argument("--columns", help="comma-separated channel columns (default: every numeric column)")
     sensors.add_argument(

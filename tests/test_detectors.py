@@ -1,4 +1,5 @@
-"""The AR-innovation anomaly detector: interface, calibration on normal data, faults flagged, SKAB sanity check."""
+"""The AR-innovation anomaly detector and its label-free threshold: interface, calibration on normal data,
+false-alarm rates near the stated risk, faults flagged, runs kept apart, SKAB sanity check."""
 
 from __future__ import annotations
 
@@ -6,9 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.stats import chi2
 
 from plcsense.training.data import read_sensor_csv, sliding_windows
-from plcsense.training.detectors import ARSettings, build_detector, channel_errors
+from plcsense.training.detectors import (
+    ARSettings,
+    _blocked_folds,
+    build_detector,
+    calibrate,
+    channel_errors,
+)
+from plcsense.training.thresholds import scaled_chi2_threshold
 
 SKAB = Path(__file__).resolve().parents[2] / "shared" / "data" / "skab"
 TRAIN_ROWS = 400
@@ -25,6 +34,16 @@ def plant(rows: int, seed: int = 0) -> np.ndarray:
     temperature = 70 + np.cumsum(rng.normal(0, 0.02, rows))
     flow = 32 + 0.4 * np.round(rng.normal(0, 1, rows))
     return np.stack([230 + 3 * voltage, vibration, temperature, flow], axis=1)
+
+
+def stationary(rows: int, seed: int) -> np.ndarray:
+    """Three independent AR(1) channels: normal data whose future behaves exactly like its past."""
+    rng = np.random.default_rng(seed)
+    phi, noise = np.array([0.3, -0.2, 0.1]), rng.normal(size=(rows, 3))
+    values = np.zeros((rows, 3))
+    for t in range(1, rows):
+        values[t] = phi * values[t - 1] + noise[t]
+    return values
 
 
 def scores(model, threshold: float, values: np.ndarray) -> np.ndarray:
@@ -45,9 +64,10 @@ def test_interface_raw_window_in_one_error_per_channel_out(tmp_path: Path) -> No
     wider, _ = build_detector(values[:TRAIN_ROWS], window=50)
     assert wider.input_shape == (None, 50, 4)
     with pytest.raises(ValueError, match="too short"):
-        build_detector(values[:TRAIN_ROWS], window=10)
+        build_detector(values[:TRAIN_ROWS], window=ARSettings().taps - 1)
 
-    # The exported LiteRT model (normalisation inside) gives the same errors as Keras.
+    # The exported LiteRT model (normalisation inside) gives the same errors as Keras, and calibration's numpy
+    # scores are the same numbers: the threshold was set on what the worker will compute.
     from plcsense.models.runtime import LiteRTModel
     from plcsense.training.export import to_tflite
 
@@ -55,6 +75,65 @@ def test_interface_raw_window_in_one_error_per_channel_out(tmp_path: Path) -> No
     lite = LiteRTModel(tmp_path / "m.tflite")
     assert lite.input_shape == (window, 4) and lite.output_shape == (4,)
     np.testing.assert_allclose(lite.predict(windows[:100]), errors[:100], rtol=1e-3, atol=1e-3)
+    numpy_errors = calibrate(values[:TRAIN_ROWS]).detector.channel_scores(values)
+    np.testing.assert_allclose(numpy_errors, errors, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("risk", [1e-2, 1e-3])
+def test_scaled_chi2_threshold_matches_a_known_tail(risk: float) -> None:
+    """Scores drawn from a known scaled chi-square: the fitted threshold sits at its true quantile and fresh
+    scores exceed it about ``risk`` of the time."""
+    rng = np.random.default_rng(1)
+    fit, fresh = 3 * rng.chisquare(6, 4000), 3 * rng.chisquare(6, 400_000)
+    tail = scaled_chi2_threshold(fit, risk)
+    assert tail.threshold == pytest.approx(3 * chi2.isf(risk, 6), rel=0.05)
+    assert 0.6 * risk < np.mean(fresh > tail.threshold) < 1.6 * risk
+    assert scaled_chi2_threshold(fit, risk / 10).threshold > tail.threshold  # a smaller risk, a higher threshold
+    flat = scaled_chi2_threshold(np.full(50, 2.0), risk)  # a flat signal: anything above it is unusual
+    assert 2.0 < flat.threshold < 2.001
+
+
+@pytest.mark.parametrize("risk", [1e-2, 1e-3])
+def test_false_alarm_rate_on_fresh_normal_data_is_near_the_risk(risk: float) -> None:
+    """Calibrated on 3,000 rows of stationary data by blocked cross-validation, the detector flags fresh normal
+    windows at a rate near ``risk`` (averaged over seeds; windows overlap, so single runs scatter)."""
+    rates = []
+    for seed in range(3):
+        values = stationary(23_000, seed)
+        c = calibrate(values[:3000], ARSettings(risk=risk))
+        rates.append(np.mean(c.detector.channel_scores(values[3000:]).mean(axis=1) > c.threshold))
+    assert risk / 3 < np.mean(rates) < 3 * risk, rates
+
+
+def test_blocked_folds_never_score_rows_they_were_fitted_on() -> None:
+    runs = [np.arange(250.0)[:, None], 1000 + np.arange(150.0)[:, None]]  # values name their rows
+    folds = list(_blocked_folds(runs, 4, gap=20))
+    assert len(folds) == 4
+    for fit, held in folds:
+        fitted = {float(v) for run in fit for v in run[:, 0]}
+        for i, a, b in held:
+            scored = {float(v) for v in runs[i][a:b, 0]}
+            assert not fitted & scored
+            near = {float(v) for v in runs[i][max(0, a - 20) : b + 20, 0]}  # the gap either side too
+            assert not fitted & near
+    held_rows = sum(b - a for _, held in folds for _, a, b in held)
+    assert held_rows == 400  # every row is held out exactly once
+
+
+def test_runs_are_not_joined() -> None:
+    """Two recordings at different operating points: calibrated as separate runs, the jump between them is
+    neither learnt as normal nor allowed to inflate the threshold (it would be, concatenated)."""
+    a, b = stationary(800, 1), stationary(800, 2) + 25.0
+    apart = calibrate([a, b])
+    joined = calibrate(np.concatenate([a, b]))
+    assert apart.threshold < joined.threshold / 2
+    same = calibrate([a, b - 25.0])
+    assert apart.threshold == pytest.approx(same.threshold, rel=0.35)
+
+
+def test_too_few_rows_say_so() -> None:
+    with pytest.raises(ValueError, match="record more normal data"):
+        calibrate(stationary(60, 0))
 
 
 def test_threshold_from_normal_data_gives_few_false_alarms_later() -> None:

@@ -195,9 +195,10 @@ def test_skab_anomaly_free_trains(tmp_path):
 @pytest.mark.parametrize(
     "args,refused",
     [
-        (["sensors", "s.csv", "--epochs", "5"], "--epochs does not apply to train sensors --detector ar"),
+        (["sensors", "s.csv", "--epochs", "5"], "--epochs does not apply to train sensors --detector auto"),
+        (["sensors", "s.csv", "--detector", "ar", "--time-budget", "9"], "--time-budget does not apply to train"),
         (["sensors", "s.csv", "--detector", "ar", "--seed", "1", "--batch-size", "8"], "--batch-size, --seed do not"),
-        (["sensors", "s.csv", "--quantize", "int8"], "--quantize does not apply to train sensors --detector ar"),
+        (["sensors", "s.csv", "--quantize", "int8"], "--quantize does not apply to train sensors --detector auto"),
         (["sensors", "s.csv", "--detector", "autoencoder", "--arch", "scratch"], "--arch does not apply to train "),
         (
             ["sensors", "cycles", "--task", "classify", "--window", "9"],
