@@ -3,7 +3,8 @@
     .venv/bin/python bench/images.py [--arch mobilenet_v2] [--weights ../shared/weights/...h5] [--quantize int8]
     .venv/bin/python bench/images.py --variant grey64 --probe     # a harder variant (bench/neu_variants.py)
 
-Prints one JSON line: test accuracy of the exported (LiteRT) model on the test folder, training time, the
+Prints one JSON line: test accuracy of the exported (LiteRT) model on the test folder, training time, the Keras
+backend, device and precision it trained with and the whole run's wall time, the
 manifest's per-variant figures (float32 / float16 / int8 accuracy and top-1 agreement), what the selection
 chose, the test folder's majority-class rate and, with ``--probe``, the accuracy of a linear probe (logistic
 regression on the frozen backbone's 224 px mean-pooled features, the old default's head) on the same folders.
@@ -23,6 +24,7 @@ from neu_variants import DEV, HELD_BACK, write_variant
 from sklearn.model_selection import train_test_split
 
 from plcsense.models.bundle import load_bundle
+from plcsense.training.backend import configure
 from plcsense.training.evaluate import evaluate
 from plcsense.training.images import Augment, ImageTrainConfig, train_images
 
@@ -82,6 +84,8 @@ def main() -> None:
     parser.add_argument("--probe", action="store_true", help="also score the linear-probe baseline")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the selection's progress lines
+    begun = time.perf_counter()
+    device = configure()  # backend, device and precision, as `plcsense train` sets them
 
     if args.variant:
         variant = {**DEV, **HELD_BACK}[args.variant]
@@ -123,6 +127,8 @@ def main() -> None:
                 "test_accuracy": scores["accuracy"],
                 "test_loss": scores["loss"],
                 "train_seconds": round(train_seconds, 1),
+                "wall_seconds": round(time.perf_counter() - begun, 1),
+                **device.record(),
                 "model_bytes": (out / "model.tflite").stat().st_size,
                 "variants": bundle.manifest.variants,
             }
