@@ -1,20 +1,33 @@
-"""SKAB benchmark, official protocol, for plcsense's sensor anomaly detector; pooled F1 / FAR / MAR as JSON.
+"""SKAB benchmark, official protocol, for plcsense's sensor anomaly detector; F1 / FAR / MAR as JSON.
 
-    .venv/bin/python bench/skab.py ../shared/data/skab --out skab_pred.csv [--window N] [--bundles DIR]
+    .venv/bin/python bench/skab.py ../shared/data/skab --anomaly-free-pieces 8 [--out PRED.csv] [--window N]
+    .venv/bin/python bench/skab.py ../shared/data/skab --tune-on valve1 --report-on valve2 \
+        --anomaly-free-pieces 8 --tune-pieces 0-3
     .venv/bin/python bench/skab.py ../shared/data/skab --via-mqtt [--url mqtt://host:1883]
     .venv/bin/python bench/skab.py ../shared/data/skab --baselines      # the published detectors, recomputed
 
 Protocol (Katser & Kozitsin, SKAB): every CSV file on its own; its first 400 rows are the training part (normal
-operation) and the rest the test part; the detector is fitted and its threshold set on the training part only,
-without labels. A row's prediction is the score of the window ending at that row (test rows without a full
+operation) and the rest the test part; the detector is chosen, fitted and its threshold set on the training part
+only, without labels. A row's prediction is the score of the window ending at that row (test rows without a full
 window are predicted normal; the window may reach back into the training part). Scores are pooled over the
 test rows of all files: F1 = TP / (TP + (FP + FN) / 2), FAR = FP / (FP + TN), MAR = FN / (FN + TP).
+``--anomaly-free-pieces N`` cuts ``anomaly-free/anomaly-free.csv`` into N equal pieces and runs each through the
+same protocol: every row is normal, so its figure is the false-alarm rate on normal data nobody labelled.
 
 Training and scoring are the product's own: ``plcsense train sensors`` code (``train_anomaly_tables`` with the
-default ``SensorTrainConfig``) writes one bundle per file, its rows are judged by ``plcsense evaluate``'s code
-(``plcsense.training.anomaly_eval``: that bundle's LiteRT model and threshold, as the worker would) and the
-figures are that module's F1 / FAR / MAR. What stays here is the protocol: the 400-row split, pooling per
-folder, SKAB's prediction file and the published baselines.
+default ``SensorTrainConfig``: detector chosen by validation, threshold from held-out normal windows) writes one
+bundle per file, its rows are judged by ``plcsense evaluate``'s code (``plcsense.training.anomaly_eval``: that
+bundle's LiteRT model and threshold, as the worker would) and the figures are that module's. What stays here is
+the protocol: the 400-row split, pooling per folder, the pieces, SKAB's prediction file and the baselines.
+
+``--tune-on A --report-on B`` is the honest development protocol: the settings a developer would pick (the AR
+detector's shape, whether channels with persistent levels are judged by their changes, the threshold's risk) are
+chosen with A's labels (and the anomaly-free pieces named by ``--tune-pieces``) from a grid, then the product is
+trained with them (the chosen detector first among the candidates selection tries) and reported on A (dev) and
+on B and the other pieces (held back, never looked at while choosing). The rule: the highest F1 on A among the
+settings with FAR <= 0.15 on A and <= 0.05 on the tuning pieces; failing that, the highest F1 minus the excess
+of those false-alarm rates over their limits. The grid is scored with the product's calibration in numpy
+(``detectors.calibrate``, the same numbers as the exported model) to keep it to seconds.
 
 ``--via-mqtt`` then replays every file through the real worker (``plcsense serve`` as its own process, one per
 file) on a real Mosquitto (a private one on a free port, or ``--url`` / ``PLCSENSE_MQTT_URL``), one JSON reading
@@ -31,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import itertools
 import json
 import os
 import signal
@@ -43,7 +57,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,11 +69,13 @@ from plcsense.training.quiet import import_tensorflow_quietly
 
 LABEL, CHANGEPOINT = "anomaly", "changepoint"
 READY_TIMEOUT_S = 60.0
+ANOMALY_FREE = "anomaly-free"
+MAX_FAR, MAX_FAR_NORMAL = 0.15, 0.05  # the acceptance limits the tuning rule respects
 
 
 @dataclass
 class LabelledFile:
-    key: str  # "valve1/0.csv"
+    key: str  # "valve1/0.csv", or "anomaly-free/3" for a piece of the anomaly-free recording
     columns: list[str]  # the sensor channels, in CSV order
     values: np.ndarray  # (rows, C)
     labels: np.ndarray  # (rows,) bool
@@ -78,6 +94,7 @@ class FileRun:
     first: int  # index of the first row with a full window (the first row that is really scored)
     scores: np.ndarray  # (rows - first,) mean over channels of the LiteRT output
     pred: np.ndarray  # (test rows,) bool; rows before ``first`` are predicted normal
+    chosen: str  # the detector training chose
 
 
 def load_labelled_file(path: Path, key: str | None = None) -> LabelledFile | None:
@@ -90,10 +107,12 @@ def load_labelled_file(path: Path, key: str | None = None) -> LabelledFile | Non
     return LabelledFile(key, table.columns, table.values, table.labels > 0, times)
 
 
-def load_labelled(data_dir: Path) -> list[LabelledFile]:
-    """Every CSV with an ``anomaly`` column in DATA_DIR's sub-folders, sorted by folder, then file number."""
+def load_labelled(data_dir: Path, folders: list[str] | None = None) -> list[LabelledFile]:
+    """Every CSV with an ``anomaly`` column in DATA_DIR's sub-folders (or those named), by folder and number."""
     files = []
     for folder in sorted(p for p in data_dir.iterdir() if p.is_dir()):
+        if folders is not None and folder.name not in folders:
+            continue
         for path in sorted(folder.glob("*.csv"), key=lambda p: (len(p.stem), p.stem)):
             f = load_labelled_file(path, f"{folder.name}/{path.name}")
             if f is not None:
@@ -101,9 +120,28 @@ def load_labelled(data_dir: Path) -> list[LabelledFile]:
     return files
 
 
+def load_anomaly_free_pieces(data_dir: Path, pieces: int) -> list[LabelledFile]:
+    """``anomaly-free/anomaly-free.csv`` cut into ``pieces`` equal consecutive parts (the remainder dropped)."""
+    table = read_sensor_csv(data_dir / ANOMALY_FREE / f"{ANOMALY_FREE}.csv", label_column=LABEL, ignore=(CHANGEPOINT,))
+    size = len(table.values) // pieces
+    times = table.times or [str(i) for i in range(len(table.values))]
+    return [
+        LabelledFile(
+            f"{ANOMALY_FREE}/{i}",
+            table.columns,
+            table.values[i * size : (i + 1) * size],
+            np.zeros(size, bool),
+            times[i * size : (i + 1) * size],
+        )
+        for i in range(pieces)
+    ]
+
+
 def figures(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     """The product's F1 / FAR / MAR, rounded as SKAB's tables are, and the number of rows."""
     scores = alarm_scores(truth, pred)
+    if not truth.any():  # normal data only: the false-alarm rate is the figure
+        return {"far": round(scores["far"], 4), "rows": len(truth)}
     return {**{k: round(scores[k], 4) for k in ("f1", "far", "mar")}, "rows": len(truth)}
 
 
@@ -116,7 +154,14 @@ def summarise(per_file: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, o
     def pooled(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
         return figures(np.concatenate([t for t, _ in pairs]), np.concatenate([p for _, p in pairs]))
 
-    return {"pooled": pooled(list(per_file.values())), "folders": {k: pooled(v) for k, v in sorted(folders.items())}}
+    labelled = [pair for key, pair in per_file.items() if not key.startswith(ANOMALY_FREE)]
+    result: dict[str, object] = {"folders": {k: pooled(v) for k, v in sorted(folders.items())}}
+    if labelled:
+        result["pooled"] = pooled(labelled)  # the labelled files; the anomaly-free pieces stand apart
+    pieces = {key: figures(*pair)["far"] for key, pair in per_file.items() if key.startswith(ANOMALY_FREE)}
+    if pieces:
+        result["anomaly_free_far_per_piece"] = pieces
+    return result
 
 
 def summarise_predictions(files: list[LabelledFile], predictions: dict[str, np.ndarray], train_rows: int) -> dict:
@@ -129,15 +174,17 @@ def bundle_dir_name(key: str) -> str:
 
 
 def train_and_score(
-    f: LabelledFile, out: Path, train_rows: int = 400, window: int | None = None
+    f: LabelledFile, out: Path, train_rows: int = 400, window: int | None = None, cfg: object | None = None
 ) -> tuple[FileRun, dict[str, float]]:
     """Train a bundle on ``f``'s first ``train_rows`` rows with ``plcsense train sensors`` code; score the rest."""
     from plcsense.training.sensors import SensorTrainConfig, train_anomaly_tables
 
     t0 = time.perf_counter()
-    cfg = SensorTrainConfig(window=window)
+    config = cfg or SensorTrainConfig()
+    if window is not None:
+        config = replace(config, window=window)  # type: ignore[type-var]
     table = SensorTable(f.columns, f.values[:train_rows], None)  # no labels: the protocol trains blind
-    bundle = train_anomaly_tables([table], out, cfg, name=f"skab-{bundle_dir_name(f.key)}")
+    bundle = train_anomaly_tables([table], out, config, name=f"skab-{bundle_dir_name(f.key)}")  # type: ignore[arg-type]
     trained = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -146,26 +193,89 @@ def train_and_score(
     pred[verdicts.first - train_rows :] = verdicts.predicted
     scored = time.perf_counter() - t0
     threshold = float(bundle.manifest.threshold)  # type: ignore[arg-type]
-    window = bundle.input_shape[0]
-    run = FileRun(f.key, bundle.path, train_rows, window, threshold, verdicts.first, verdicts.scores, pred)
+    report = json.loads((bundle.path / "report" / "selection.json").read_text())
+    chosen = report["selection"]["chosen"] if report["selection"] else report["detector"]["detector"]
+    run = FileRun(
+        f.key, bundle.path, train_rows, bundle.input_shape[0], threshold, verdicts.first, verdicts.scores, pred, chosen
+    )
     return run, {"train_s": trained, "score_s": scored}
 
 
 def run_offline(
-    files: list[LabelledFile], bundles: Path, train_rows: int = 400, window: int | None = None
+    files: list[LabelledFile],
+    bundles: Path,
+    train_rows: int = 400,
+    window: int | None = None,
+    cfg: object | None = None,
 ) -> tuple[dict[str, object], dict[str, FileRun]]:
     runs: dict[str, FileRun] = {}
     timings = {"train_s": 0.0, "score_s": 0.0}
     for f in files:
-        run, t = train_and_score(f, bundles / bundle_dir_name(f.key), train_rows, window)
+        run, t = train_and_score(f, bundles / bundle_dir_name(f.key), train_rows, window, cfg)
         runs[f.key] = run
         for k, v in t.items():
             timings[k] += v
+    chosen: dict[str, int] = {}
+    for run in runs.values():
+        chosen[run.chosen] = chosen.get(run.chosen, 0) + 1
     report = {
         **summarise_predictions(files, {k: r.pred for k, r in runs.items()}, train_rows),
+        "chosen_detectors": dict(sorted(chosen.items(), key=lambda kv: -kv[1])),
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
     return report, runs
+
+
+# ----------------------------------------------------------------------------- tuning on one fold
+def tuning_grid():
+    """The settings a developer tunes: the AR shape, the persistence limit, the threshold's risk."""
+    from plcsense.training.detectors import ARSettings
+    from plcsense.training.sensors import SHAPES
+
+    for (order, mean, smooth), unit_root, risk in itertools.product(SHAPES, (0.5, 0.9), (1e-4, 1e-5, 1e-6)):
+        yield ARSettings(ar_order=order, mean_window=mean, smooth=smooth, unit_root=unit_root, risk=risk)
+
+
+def grid_figures(settings, files: list[LabelledFile], train_rows: int) -> dict[str, object]:
+    """One fixed AR setting (no selection) on every file, scored in numpy by the product's calibration."""
+    from plcsense.training.detectors import calibrate
+
+    predictions = {}
+    for f in files:
+        c = calibrate(f.values[:train_rows], settings)
+        scores = c.detector.channel_scores(f.values[train_rows - settings.window + 1 :]).mean(axis=1)
+        predictions[f.key] = scores > c.threshold
+    return summarise_predictions(files, predictions, train_rows)
+
+
+def tuning_rank(result: dict) -> tuple[int, float]:
+    """(feasible, objective): feasible settings first, then the higher F1 (see the module docstring)."""
+    valves = result["pooled"]
+    pieces = result["folders"].get(ANOMALY_FREE, {"far": 0.0})
+    excess = max(0.0, valves["far"] - MAX_FAR) + max(0.0, pieces["far"] - MAX_FAR_NORMAL)
+    return (int(excess == 0), valves["f1"] - excess)
+
+
+def tune(files: list[LabelledFile], train_rows: int) -> tuple[object, list[dict]]:
+    """The grid's best setting on ``files`` (labels used) and every grid point's figures, best first."""
+    rows = []
+    for settings in tuning_grid():
+        result = grid_figures(settings, files, train_rows)
+        rows.append({"settings": settings, "rank": tuning_rank(result), **result})
+    rows.sort(key=lambda r: r["rank"], reverse=True)
+    return rows[0]["settings"], rows
+
+
+def pieces_by_index(spec: str | None, count: int) -> set[int]:
+    """``0-3,6`` -> {0, 1, 2, 3, 6}."""
+    chosen: set[int] = set()
+    for part in (spec or "").split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            chosen.update(range(int(lo), int(hi or lo) + 1))
+    if not chosen <= set(range(count)):
+        raise ValueError(f"--tune-pieces {spec}: pieces are numbered 0 to {count - 1}")
+    return chosen
 
 
 # ----------------------------------------------------------------------------- via MQTT: the real worker
@@ -472,18 +582,69 @@ def score_baselines(data_dir: Path, files: list[LabelledFile], train_rows: int =
     return out
 
 
+def settings_dict(settings: object) -> dict:
+    return {k: v for k, v in asdict(settings).items() if k not in ("ridge", "drift_lag")}  # type: ignore[call-overload]
+
+
+def cross_protocol(args: argparse.Namespace, bundles: Path) -> dict[str, object]:
+    """Tune on ``--tune-on`` (+ ``--tune-pieces``), then report the product with those settings on both sides."""
+    from plcsense.training.detectors import ARSettings
+    from plcsense.training.sensors import SensorTrainConfig, ar_candidates
+
+    tune_files = load_labelled(args.data_dir, [args.tune_on])
+    report_files = load_labelled(args.data_dir, [args.report_on])
+    pieces = load_anomaly_free_pieces(args.data_dir, args.anomaly_free_pieces) if args.anomaly_free_pieces else []
+    tune_idx = pieces_by_index(args.tune_pieces, len(pieces))
+    tune_pieces = [p for i, p in enumerate(pieces) if i in tune_idx]
+    held_pieces = [p for i, p in enumerate(pieces) if i not in tune_idx]
+    if not tune_files or not report_files:
+        raise ValueError(f"no labelled files in {args.tune_on!r} or {args.report_on!r} under {args.data_dir}")
+
+    t0 = time.perf_counter()
+    best, grid = tune(tune_files + tune_pieces, args.train_rows)
+    tuned_s = time.perf_counter() - t0
+    cfg = SensorTrainConfig(candidates=ar_candidates(best))
+    dev, _ = run_offline(tune_files + tune_pieces, bundles / "dev", args.train_rows, args.window, cfg)
+    held, _ = run_offline(report_files + held_pieces, bundles / "held_back", args.train_rows, args.window, cfg)
+
+    def row(r: dict) -> dict:
+        return {
+            "settings": settings_dict(r["settings"]),
+            "valves": r["pooled"],
+            **({"pieces_far": r["folders"][ANOMALY_FREE]["far"]} if ANOMALY_FREE in r["folders"] else {}),
+        }
+
+    return {
+        "tuned_on": {"folder": args.tune_on, "anomaly_free_pieces": sorted(tune_idx)},
+        "reported_on": {"folder": args.report_on, "anomaly_free_pieces": sorted(set(range(len(pieces))) - tune_idx)},
+        "chosen_settings": settings_dict(best),
+        "chosen_is_the_default": best == ARSettings(),
+        "grid": {"points": len(grid), "seconds": round(tuned_s, 1), "top": [row(r) for r in grid[:5]]},
+        "dev": dev,
+        "held_back": held,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("--out", type=Path, help="write file,datetime,pred_anomaly for every test row here")
-    parser.add_argument("--window", type=int, help="readings per window (default: the trainer's, 34)")
+    parser.add_argument("--window", type=int, help="readings per window (default: the detector's own)")
     parser.add_argument("--train-rows", type=int, default=400)
     parser.add_argument("--bundles", type=Path, help="keep the per-file bundles here (default: a temporary folder)")
+    parser.add_argument("--anomaly-free-pieces", type=int, default=0, help="also judge anomaly-free.csv cut in N")
+    parser.add_argument("--tune-on", help="choose the settings on this folder's labels (e.g. valve1) ...")
+    parser.add_argument("--report-on", help="... and report them on this one (e.g. valve2)")
+    parser.add_argument("--tune-pieces", help="anomaly-free pieces used for tuning, e.g. 0-3 (the rest are reported)")
     parser.add_argument("--via-mqtt", action="store_true", help="also replay every file through the real worker")
     parser.add_argument("--url", help="MQTT broker for --via-mqtt (default: a private Mosquitto on a free port)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per file for --via-mqtt")
     parser.add_argument("--baselines", action="store_true", help="only recompute baseline_predictions/ scores")
     args = parser.parse_args()
+    if bool(args.tune_on) != bool(args.report_on):
+        parser.error("--tune-on and --report-on go together")
+    if args.tune_on and (args.via_mqtt or args.out):
+        parser.error("--via-mqtt and --out judge the default configuration; run them without --tune-on")
 
     started = time.perf_counter()
     files = load_labelled(args.data_dir)
@@ -495,13 +656,23 @@ def main() -> None:
     import_tensorflow_quietly()
     with tempfile.TemporaryDirectory(prefix="skab-") as tmp:
         bundles = args.bundles or Path(tmp) / "bundles"
+        if args.tune_on:
+            try:
+                result: dict[str, object] = cross_protocol(args, bundles)
+            except ValueError as exc:  # DataError: e.g. a window the training part cannot fill
+                parser.error(str(exc))
+            result["seconds"] = round(time.perf_counter() - started, 1)
+            print(json.dumps(result, indent=1))
+            return
+        pieces = load_anomaly_free_pieces(args.data_dir, args.anomaly_free_pieces) if args.anomaly_free_pieces else []
         try:
-            offline, runs = run_offline(files, bundles, args.train_rows, args.window)
+            offline, runs = run_offline(files + pieces, bundles, args.train_rows, args.window)
         except ValueError as exc:  # DataError: e.g. a window the training part cannot fill
             parser.error(str(exc))
-        result: dict[str, object] = {
+        result = {
             "files": len(files),
-            "window": next(iter(runs.values())).window,
+            "anomaly_free_pieces": len(pieces),
+            "configuration": "plcsense train sensors defaults (SensorTrainConfig())",
             "predictions_from": "plcsense train sensors bundle, LiteRT",
             "offline": offline,
         }
