@@ -181,7 +181,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from plcsense.models.bundle import ImageSpec, load_bundle
+    from plcsense.models.bundle import ImageSpec, load_bundle, split_outputs
     from plcsense.models.inputs import InputError, load_image_file
     from plcsense.training.data import DataError, read_sensor_sample
     from plcsense.training.quiet import LITERT_STARTUP, without_lines
@@ -202,13 +202,13 @@ def _predict(args: argparse.Namespace) -> int:
             sample = (
                 load_image_file(path, spec) if isinstance(spec, ImageSpec) else read_sensor_sample(Path(path), spec)
             )
-            probabilities = bundle.model.predict(sample[None])[0]
+            probabilities = split_outputs(bundle.manifest, bundle.model.predict(sample[None]))[0]
         except (InputError, DataError, OSError) as exc:
             print(f"{path}\terror: {exc}")
             failed += 1
             continue
-        best = int(probabilities.argmax())
-        print(f"{path}\t{labels[best]}\t{probabilities[best]:.4f}")
+        best = int(probabilities[0].argmax())
+        print(f"{path}\t{labels[best]}\t{probabilities[0, best]:.4f}")
     return 1 if failed else 0
 
 

@@ -101,7 +101,20 @@ def test_labels_that_do_not_match_the_model(image_bundle, tmp_path):
     write_manifest(target, manifest)
     with pytest.raises(BundleError) as exc:
         load_bundle(target)
-    assert "4 labels but the model outputs shape [3]" in one_line(exc)
+    assert "4 labels plus an ood score but the model outputs shape [4]" in one_line(exc)
+
+
+def test_ood_score_must_match_the_model(image_bundle, tmp_path):
+    """A manifest that drops the ood score of a model that outputs one (or claims one it lacks) is refused."""
+    target = tmp_path / "img"
+    shutil.copytree(image_bundle, target)
+    manifest = read_manifest(target)
+    assert manifest.ood is not None and 0 < manifest.ood.threshold < 1
+    manifest.ood = None
+    write_manifest(target, manifest)
+    with pytest.raises(BundleError) as exc:
+        load_bundle(target)
+    assert "3 labels but the model outputs shape [4]" in one_line(exc)
 
 
 def test_golden_samples_that_no_longer_reproduce(bundle_copy):

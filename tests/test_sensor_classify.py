@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plcsense.models.bundle import load_bundle
+from plcsense.models.bundle import load_bundle, split_outputs
 from plcsense.training.data import DataError
 
 WINDOW = 24
@@ -81,8 +81,10 @@ def test_litert_predictions_separate_the_classes(trained):
     held_out = write_folder(root / "held_out", {"leak": 6, "normal": 6, "stuck": 6}, seed=7)
 
     samples = load_sensor_folder(held_out, columns=bundle.manifest.input.channels)
-    probabilities = bundle.model.predict(samples.inputs)  # raw readings in, probabilities out
-    assert probabilities.shape == (18, 3)
+    # raw readings in; probabilities out, and the ood score as the last element
+    probabilities, ood = split_outputs(bundle.manifest, bundle.model.predict(samples.inputs))
+    assert probabilities.shape == (18, 3) and ood is not None and ood.shape == (18,)
+    assert np.all((ood >= 0) & (ood <= 1))
     assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)
     assert np.mean(probabilities.argmax(axis=1) == samples.labels) >= 0.9
 

@@ -103,6 +103,21 @@ Quantize = Literal["none", "float16", "int8"]
 """How the exported weights are stored: float32 (``none``), float16, or full-integer int8."""
 
 
+class OodSpec(_Strict):
+    """A classifier that says when an input is unlike its training data.
+
+    The model's output then holds one element more than there are labels: the last one is the out-of-distribution
+    score, computed inside the graph (so the worker runs no per-model code) and bounded to 0..1 (so int8 models,
+    whose output tensor shares one quantisation scale, keep the probabilities' precision).
+    """
+
+    score: Literal["mahalanobis"]
+    """How the score is computed: ``1 - exp(-d / scale)``, ``d`` the squared Mahalanobis distance of the
+    penultimate features to the nearest class mean under the shared covariance of the training features."""
+    threshold: float = Field(ge=0, le=1, allow_inf_nan=False)
+    """Score above which an input is reported unknown, fitted on validation data only."""
+
+
 class Manifest(_Strict):
     schema_version: int
     name: _Text
@@ -116,6 +131,8 @@ class Manifest(_Strict):
     score: Literal["mean_squared_error", "ar_innovation"] | None = None
     """What the per-channel outputs are (reconstruction errors or squared standardised AR innovations); the
     anomaly score is always their mean."""
+    ood: OodSpec | None = None
+    """Classifiers only: the output's last element is an out-of-distribution score (see :class:`OodSpec`)."""
     metrics: dict[str, float] = Field(default_factory=dict)
     """Held-out figures of the exported model, measured with the LiteRT interpreter."""
     variants: dict[str, dict[str, float]] = Field(default_factory=dict)
@@ -131,6 +148,8 @@ class Manifest(_Strict):
             raise ValueError("a classification bundle needs labels")
         if self.task == "anomaly" and self.threshold is None:
             raise ValueError("an anomaly bundle needs a threshold")
+        if self.task != "classification" and self.ood is not None:
+            raise ValueError("only a classification bundle has an ood score")
         for name in self.files:
             if name.startswith("/") or "\\" in name or {"", ".", ".."} & set(name.split("/")):
                 raise ValueError(f"files: {name!r} is not a plain relative path inside the bundle")
@@ -160,6 +179,15 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
 
 def new_manifest(**fields: object) -> Manifest:
     return Manifest(schema_version=SCHEMA_VERSION, created_at=datetime.now(UTC), **fields)
+
+
+def split_outputs(manifest: Manifest, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """A classifier's outputs ``(n, k)`` as class probabilities ``(n, labels)`` and ood scores ``(n,)`` (None
+    without ``ood``): every consumer of a classifier's raw outputs goes through here, so the ood element never
+    counts as a class."""
+    if manifest.ood is None:
+        return outputs, None
+    return outputs[..., :-1], outputs[..., -1]
 
 
 class Bundle:
@@ -289,8 +317,12 @@ def _verify_spec(path: Path, manifest: Manifest, model: LiteRTModel) -> None:
     out = model.output_shape
     if manifest.task == "classification":
         assert manifest.labels is not None
-        if out != (len(manifest.labels),):
-            raise BundleError(f"bundle {path}: {len(manifest.labels)} labels but the model outputs shape {list(out)}")
+        expected = (len(manifest.labels) + (manifest.ood is not None),)
+        if out != expected:
+            ood = " plus an ood score" if manifest.ood else ""
+            raise BundleError(
+                f"bundle {path}: {len(manifest.labels)} labels{ood} but the model outputs shape {list(out)}"
+            )
     elif out != (len(manifest.input.channels),):  # type: ignore[union-attr]
         raise BundleError(f"bundle {path}: anomaly model should output one error per channel, got {list(out)}")
 

@@ -19,12 +19,13 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from plcsense.models.bundle import Bundle, InputSpec, Quantize, new_manifest
+from plcsense.models.bundle import Bundle, InputSpec, OodSpec, Quantize, new_manifest, split_outputs
 from plcsense.models.runtime import LiteRTModel, predict_all
 from plcsense.training.backend import tensorboard
 from plcsense.training.data import DataError
 from plcsense.training.evaluate import classification_scores
 from plcsense.training.export import Quantization, export_bundle
+from plcsense.training.ood import OOD_SCORE, fit_threshold, with_ood
 from plcsense.training.report import classification_report_files
 from plcsense.training.splits import balanced_class_weights, split_indices
 
@@ -193,6 +194,8 @@ class ClassifierRun:
     ) -> Bundle:
         """Export ``model`` with its manifest; test figures and ``report/`` come from the LiteRT model.
 
+        The exported graph appends an out-of-distribution score (:mod:`plcsense.training.ood`), fitted on the
+        training features; its threshold comes from the validation inputs run through the model that ships.
         ``show_misclassified``: the held-out inputs are pictures, drawn in ``report/misclassified.png``.
         ``held_out_name`` prefixes the held-out figures (``fit`` when the model was refitted on them);
         ``extra_metrics`` go into the manifest, ``report_files`` (name -> text) into ``report/``.
@@ -204,6 +207,7 @@ class ClassifierRun:
             task="classification",
             input=spec,
             labels=splits.classes,
+            ood=OodSpec(score=OOD_SCORE, threshold=1.0),  # the threshold is fitted by calibrate() below
         )
         manifest.metrics.update(
             {
@@ -217,14 +221,17 @@ class ClassifierRun:
         manifest.metrics.update(extra_metrics or {})
         inputs, labels = splits.held_out
 
+        def probabilities(lite: LiteRTModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+            return split_outputs(manifest, predict_all(lite, x))
+
         def score(lite: LiteRTModel) -> dict[str, float]:
-            scores = classification_scores(predict_all(lite, inputs), labels)
+            scores = classification_scores(probabilities(lite, inputs)[0], labels)
             return {f"{held_out_name}_accuracy": scores["accuracy"], f"{held_out_name}_loss": scores["loss"]}
 
         def report(lite: LiteRTModel, folder: Path) -> None:
             classification_report_files(
                 folder,
-                predict_all(lite, inputs),
+                probabilities(lite, inputs)[0],
                 labels,
                 splits.classes,
                 images=inputs if show_misclassified else None,
@@ -233,5 +240,14 @@ class ClassifierRun:
             for name, text in (report_files or {}).items():
                 (folder / name).write_text(text)
 
+        def calibrate(lite: LiteRTModel) -> None:
+            assert manifest.ood is not None
+            manifest.ood.threshold = fit_threshold(probabilities(lite, splits.val[0])[1])
+            ood = probabilities(lite, inputs)[1]
+            manifest.metrics["test_unknown"] = float(np.mean(ood > manifest.ood.threshold))
+
+        model = with_ood(model, splits.train, splits.val[0], len(splits.classes), cfg.batch_size)
         quantization = Quantization(cfg.quantize, splits.train[0], cfg.min_agreement)
-        return export_bundle(out, model, manifest, inputs, score, quantization=quantization, report=report)
+        return export_bundle(
+            out, model, manifest, inputs, score, quantization=quantization, report=report, calibrate=calibrate
+        )

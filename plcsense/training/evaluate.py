@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, log_loss
 
-from plcsense.models.bundle import Bundle, ImageSpec, SensorSpec
+from plcsense.models.bundle import Bundle, ImageSpec, SensorSpec, split_outputs
 from plcsense.models.runtime import predict_all
 from plcsense.training.anomaly_eval import evaluate_anomaly
 from plcsense.training.data import DataError, load_image_folder, load_sensor_folder
@@ -45,18 +45,31 @@ def classification_summary(probabilities: np.ndarray, labels: np.ndarray, names:
     }
 
 
+def classifier_summary(bundle: Bundle, inputs: np.ndarray, labels: np.ndarray) -> dict:
+    """:func:`classification_summary` of a classifier bundle's LiteRT model on ``inputs``, plus ``unknown``: the
+    share of inputs its ood score flags (bundles with ``ood`` only)."""
+    manifest = bundle.manifest
+    assert manifest.labels is not None
+    probabilities, ood = split_outputs(manifest, predict_all(bundle.model, inputs))
+    summary = classification_summary(probabilities, labels, manifest.labels)
+    if ood is not None and manifest.ood is not None:
+        summary["unknown"] = float(np.mean(ood > manifest.ood.threshold))
+    return summary
+
+
 def evaluate_sensor_folder(bundle: Bundle, data_dir: Path) -> dict:
     """Scores of a sensor classification bundle's LiteRT model on ``data_dir/<class>/*.csv``.
 
     Returns ``n``, ``accuracy``, ``loss``, per-class ``precision``/``recall``/``support`` (dicts keyed by label)
-    and ``confusion_matrix`` (rows: true label, columns: predicted, in ``labels`` order).
+    and ``confusion_matrix`` (rows: true label, columns: predicted, in ``labels`` order), and ``unknown`` (the
+    share flagged by the ood score) for bundles that have one.
     """
     manifest = bundle.manifest
     spec = manifest.input
     if manifest.task != "classification" or not isinstance(spec, SensorSpec) or not manifest.labels:
         raise DataError(f"bundle {bundle.path} is not a sensor classification model ({manifest.task})")
     data = load_sensor_folder(data_dir, columns=spec.channels, classes=manifest.labels, window=spec.window)
-    return classification_summary(predict_all(bundle.model, data.inputs), data.labels, manifest.labels)
+    return classifier_summary(bundle, data.inputs, data.labels)
 
 
 def evaluate(bundle: Bundle, data: Path, *, label_column: str = "anomaly") -> dict[str, float]:
@@ -67,7 +80,7 @@ def evaluate(bundle: Bundle, data: Path, *, label_column: str = "anomaly") -> di
     if manifest.task == "classification":
         assert isinstance(manifest.input, ImageSpec) and manifest.labels
         images = load_image_folder(data, manifest.input, classes=manifest.labels)
-        return classification_summary(predict_all(bundle.model, images.images), images.labels, manifest.labels)
+        return classifier_summary(bundle, images.images, images.labels)
     return evaluate_anomaly(bundle, data, label_column=label_column)[0]
 
 

@@ -13,7 +13,16 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from plcsense.models.bundle import GOLDEN_FILE, MODEL_FILE, Bundle, Manifest, Quantize, load_bundle, write_manifest
+from plcsense.models.bundle import (
+    GOLDEN_FILE,
+    MODEL_FILE,
+    Bundle,
+    Manifest,
+    Quantize,
+    load_bundle,
+    split_outputs,
+    write_manifest,
+)
 from plcsense.models.runtime import LiteRTModel, predict_all
 from plcsense.training.backend import as_float32, convert_elsewhere
 from plcsense.training.quiet import CONVERTER, LITERT_STARTUP, without_lines
@@ -89,8 +98,9 @@ def check_output_dir(out: Path) -> None:
         raise FileExistsError(f"{out} exists and is not a model bundle; choose another --out")
 
 
-def _top1_agreement(a: LiteRTModel, b: LiteRTModel, inputs: np.ndarray) -> float:
-    return float(np.mean(predict_all(a, inputs).argmax(axis=1) == predict_all(b, inputs).argmax(axis=1)))
+def _top1_agreement(manifest: Manifest, a: LiteRTModel, b: LiteRTModel, inputs: np.ndarray) -> float:
+    top1 = [split_outputs(manifest, predict_all(m, inputs))[0].argmax(axis=1) for m in (a, b)]
+    return float(np.mean(top1[0] == top1[1]))
 
 
 def export_bundle(
@@ -102,6 +112,7 @@ def export_bundle(
     *,
     quantization: Quantization | None = None,
     report: Callable[[LiteRTModel, Path], None] | None = None,
+    calibrate: Callable[[LiteRTModel], None] | None = None,
 ) -> Bundle:
     """Write the bundle beside ``out``, swap it in by renames, and load it back through the worker's checks.
 
@@ -109,7 +120,8 @@ def export_bundle(
     go into the manifest's metrics, those of every variant into ``variants``, so the numbers a user reads are
     those of the model the worker runs. A quantised variant whose top-1 agrees with the float model on fewer
     than ``min_agreement`` of the held-out inputs (``golden_inputs``) is refused. ``report`` may write files into
-    ``report/`` of the bundle.
+    ``report/`` of the bundle. ``calibrate`` may set what the manifest takes from the model that ships, once it
+    is chosen (a classifier's ood threshold).
     """
     out = Path(out)
     check_output_dir(out)
@@ -127,7 +139,7 @@ def export_bundle(
         candidate = staging / f"model.{q.mode}.tflite"
         candidate.write_bytes(to_tflite(model, q))
         quantised = LiteRTModel(candidate)
-        agreement = _top1_agreement(lite, quantised, golden_inputs.astype(np.float32))
+        agreement = _top1_agreement(manifest, lite, quantised, golden_inputs.astype(np.float32))
         manifest.variants[q.mode] = {**score(quantised), "top1_agreement": agreement}
         if agreement < q.min_agreement:
             shutil.rmtree(staging, ignore_errors=True)
@@ -138,6 +150,8 @@ def export_bundle(
         candidate.replace(staging / MODEL_FILE)
         lite = LiteRTModel(staging / MODEL_FILE)
     manifest.quantization = q.mode
+    if calibrate is not None:
+        calibrate(lite)
     manifest.metrics.update(manifest.variants[q.mode if q.mode != "none" else "float32"])
     inputs = golden_inputs[:GOLDEN_SAMPLES].astype(np.float32)
     np.savez(staging / GOLDEN_FILE, inputs=inputs, outputs=lite.predict(inputs))

@@ -28,7 +28,8 @@ class Ranked(BaseModel):
 
 
 class ResultDocument(_Document):
-    """One model answer; classification fills ``label``/``top``, anomaly fills ``threshold``/``channels``."""
+    """One model answer; classification fills ``label``/``top`` (and ``unknown``/``ood_score`` when the model has an
+    ood score), anomaly fills ``threshold``/``channels``."""
 
     id: str | None
     topic: str
@@ -37,6 +38,9 @@ class ResultDocument(_Document):
     score: float
     label: str | None = None
     top: list[Ranked] | None = None
+    unknown: bool | None = None
+    """True when the input is unlike the model's training data: its label is not to be trusted."""
+    ood_score: float | None = None
     threshold: float | None = None
     is_anomaly: bool | None = None
     channels: dict[str, float] | None = None

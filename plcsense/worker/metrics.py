@@ -50,6 +50,12 @@ class Metrics:
         self.results = Counter("plcsense_results", "Results published", ["route"], registry=r)
         self.errors = Counter("plcsense_errors", "Inputs answered with an error", ["route", "reason"], registry=r)
         self.anomalies = Counter("plcsense_anomalies", "Results flagged as anomalies", ["route"], registry=r)
+        self.unknown_inputs = Counter(
+            "plcsense_unknown_inputs",
+            "Classification results flagged unknown (unlike the model's training data)",
+            ["route"],
+            registry=r,
+        )
         self.ignored = Counter(
             "plcsense_ignored_messages",
             "Messages acknowledged without an answer (answers, status)",
@@ -140,6 +146,7 @@ class RouteMetrics:
     messages: Counter
     results: Counter
     anomalies: Counter
+    unknown: Counter
     latency: Histogram
     windows: Gauge
     evictions: Counter
@@ -169,6 +176,7 @@ def route_metrics(metrics: Metrics, route: str) -> RouteMetrics:
         messages=metrics.messages.labels(route),
         results=metrics.results.labels(route),
         anomalies=metrics.anomalies.labels(route),
+        unknown=metrics.unknown_inputs.labels(route),
         latency=metrics.latency.labels(route),
         windows=metrics.windows.labels(route),
         evictions=metrics.evictions.labels(route),

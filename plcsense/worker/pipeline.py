@@ -22,7 +22,7 @@ from typing import Any, Final
 import numpy as np
 
 from plcsense.errors import ErrorCode
-from plcsense.models.bundle import Bundle, BundleError, SensorSpec, bundle_digest, load_bundle
+from plcsense.models.bundle import Bundle, BundleError, SensorSpec, bundle_digest, load_bundle, split_outputs
 from plcsense.models.inputs import InputError
 from plcsense.worker import repository
 from plcsense.worker.batching import MicroBatcher
@@ -526,6 +526,8 @@ class Pipeline:
             return
         manifest = candidate.bundle.manifest
         if manifest.task == "classification":
+            assert route.bundle is not None  # the ood score, when a bundle has one, is not a class
+            tried, served = split_outputs(manifest, tried)[0], split_outputs(route.bundle.manifest, served)[0]
             agree = np.argmax(tried, axis=1) == np.argmax(served, axis=1)
             diff = np.abs(np.max(tried, axis=1) - np.max(served, axis=1))
         else:
@@ -545,10 +547,16 @@ class Pipeline:
         fields: dict[str, Any] = {}
         if manifest.task == "classification":
             assert manifest.labels is not None
-            order = np.argsort(output)[::-1][:TOP_K]
+            probabilities, ood = split_outputs(manifest, output)
+            order = np.argsort(probabilities)[::-1][:TOP_K]
             fields["label"] = manifest.labels[order[0]]
-            fields["score"] = round(float(output[order[0]]), 6)
-            fields["top"] = [Ranked(label=manifest.labels[i], score=round(float(output[i]), 6)) for i in order]
+            fields["score"] = round(float(probabilities[order[0]]), 6)
+            fields["top"] = [Ranked(label=manifest.labels[i], score=round(float(probabilities[i]), 6)) for i in order]
+            if ood is not None and manifest.ood is not None:
+                fields["ood_score"] = round(float(ood), 6)
+                fields["unknown"] = bool(ood > manifest.ood.threshold)
+                if fields["unknown"]:
+                    route.metrics.unknown.inc()
         else:
             assert manifest.threshold is not None
             score = float(np.mean(output))
