@@ -312,7 +312,10 @@ def train_anomaly_tables(tables: list[SensorTable], out: Path, cfg: SensorTrainC
     manifest = new_manifest(
         name=name, version=cfg.version, task="anomaly", input=spec, threshold=fitted.threshold, score=score_name
     )
-    manifest.metrics.update({"train_rows": rows, "train_windows": len(held)})
+    if isinstance(fitted, FittedAR):
+        manifest.metrics.update({"train_rows": rows, "train_windows": len(held)})
+    else:
+        manifest.metrics.update({"train_windows": fitted.fit_windows, "calibration_windows": len(held)})
     if selection is not None:
         won = selection.winner
         manifest.metrics.update({"validation_detection": won.detection, "validation_false_alarms": won.false_alarms})
