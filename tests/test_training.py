@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -17,7 +18,12 @@ from tests.conftest import SHARED_DATA, write_image_folder, write_sensor_csv
 
 
 def plcsense(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "plcsense", *args], capture_output=True, text=True, timeout=timeout)
+    """The CLI as a user's shell runs it: TensorFlow imported by this test process sets TF_CPP_MIN_LOG_LEVEL in
+    os.environ, which the CLI respects as the user's own choice, so it is not passed on."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    return subprocess.run(
+        [sys.executable, "-m", "plcsense", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 NOISE = (
