@@ -26,7 +26,8 @@ from sklearn.model_selection import train_test_split
 from plcsense.models.bundle import load_bundle
 from plcsense.training.backend import configure
 from plcsense.training.evaluate import evaluate
-from plcsense.training.images import Augment, ImageTrainConfig, train_images
+from plcsense.training.image_config import Augment, ImageTrainConfig
+from plcsense.training.images import train_images
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

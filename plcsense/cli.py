@@ -74,7 +74,8 @@ def _train(args: argparse.Namespace) -> int:
     class_weights = False if args.no_class_weights else None
     training = _training(args)
     if training == "train images":
-        from plcsense.training.images import Augment, ImageTrainConfig, train_images
+        from plcsense.training.image_config import Augment, ImageTrainConfig
+        from plcsense.training.images import train_images
 
         cfg = ImageTrainConfig(
             **common,

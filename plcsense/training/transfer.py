@@ -30,6 +30,7 @@ from plcsense.models.bundle import Bundle, ImageSpec
 from plcsense.models.inputs import InputError, load_image_file
 from plcsense.training.classifier import ClassifierRun, Schedule, Splits
 from plcsense.training.data import IMAGE_SUFFIXES, DataError, class_folders
+from plcsense.training.image_config import ImageTrainConfig
 from plcsense.training.image_select import (
     DEPTHS,
     FLIPS,
@@ -45,7 +46,6 @@ from plcsense.training.image_select import (
     pooled_view,
     probe_trial,
 )
-from plcsense.training.images import ImageTrainConfig
 
 log = logging.getLogger("plcsense.training")
 
@@ -549,7 +549,6 @@ class BackboneRun:
             extra_metrics={"val_accuracy": best.accuracy, "val_loss": best.loss},
             report_files={"selection.json": self.selection.report()},
         )
-
 
     def _tensorboard(self, folder: Path) -> None:
         """Each trial's validation figures, and the curves of the chosen fine-tuning's first fold."""
