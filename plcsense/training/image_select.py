@@ -316,7 +316,7 @@ class FineTuner:
         steps = max(1, math.ceil(len(train) / self.batch_size))
         optimizer = self.model.optimizer
         for variable in optimizer.variables:
-            variable.assign(keras.ops.zeros_like(variable))
+            variable.assign(keras.ops.zeros(variable.shape, variable.dtype))  # zeros_like fails on JAX variables
 
         def rate(step: int) -> float:
             if step < steps:  # linear warm-up over the first epoch
