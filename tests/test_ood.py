@@ -21,7 +21,16 @@ from plcsense.models.backbones import classifier
 from plcsense.models.bundle import Bundle, ImageSpec, load_bundle, new_manifest, split_outputs
 from plcsense.training.evaluate import evaluate, format_table
 from plcsense.training.export import export_bundle
-from plcsense.training.ood import FITTED, SATURATED, fit_threshold, mahalanobis, penultimate, unit_length, with_ood
+from plcsense.training.ood import (
+    FITTED,
+    SATURATED,
+    _rows_not_in,
+    fit_threshold,
+    mahalanobis,
+    penultimate,
+    unit_length,
+    with_ood,
+)
 from plcsense.worker.decoders import decode
 from tests.conftest import SHARED_DATA, Collector, publish_all, write_image_folder
 from tests.test_pipeline import inbound, pipeline_for
@@ -157,3 +166,10 @@ def test_a_saturated_threshold_is_reported(caplog):
     caplog.clear()
     assert fit_threshold(np.linspace(0, 0.5, 101)) == pytest.approx(0.495)
     assert not caplog.text
+
+
+def test_validation_photos_in_the_training_part_are_left_out_of_the_fit():
+    """A final refit on training plus validation hands both over (its photos as uint8, the validation part as
+    float32): the statistics must not see the validation photos, or their scores and the threshold come out low."""
+    photos = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
+    assert _rows_not_in(photos, photos[[2, 5]].astype(np.float32)).tolist() == [i not in (2, 5) for i in range(10)]

@@ -25,7 +25,7 @@ from plcsense.training.backend import tensorboard
 from plcsense.training.data import DataError
 from plcsense.training.evaluate import classification_scores
 from plcsense.training.export import Quantization, export_bundle
-from plcsense.training.ood import OOD_SCORE, fit_threshold, with_ood
+from plcsense.training.ood import INT8_NOTE, OOD_SCORE, fit_threshold, with_ood
 from plcsense.training.report import classification_report_files
 from plcsense.training.splits import balanced_class_weights, split_indices
 
@@ -245,6 +245,8 @@ class ClassifierRun:
             manifest.ood.threshold = fit_threshold(probabilities(lite, splits.val[0])[1])
             ood = probabilities(lite, inputs)[1]
             manifest.metrics["test_unknown"] = float(np.mean(ood > manifest.ood.threshold))
+            if cfg.quantize == "int8":
+                log.warning(INT8_NOTE)
 
         model = with_ood(model, splits.train, splits.val[0], len(splits.classes), cfg.batch_size)
         quantization = Quantization(cfg.quantize, splits.train[0], cfg.min_agreement)
