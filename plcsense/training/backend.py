@@ -122,11 +122,10 @@ def configure(precision: str | None = None) -> Run:
     choice = precision or os.environ.get(PRECISION_ENV) or "auto"
     if choice not in PRECISIONS:
         raise BackendError(f"{PRECISION_ENV}={choice!r}: choose one of {', '.join(PRECISIONS)}")
-    run = Run(keras.backend.backend(), detect_device(), choice)
-    policy = default_precision(run.device) if choice == "auto" else choice
-    run = Run(run.backend, run.device, policy)
-    keras.mixed_precision.set_global_policy(policy)
-    log.info("training on Keras backend %s, %s, precision %s", run.backend, run.device, policy)
+    device = detect_device()
+    run = Run(keras.backend.backend(), device, default_precision(device) if choice == "auto" else choice)
+    keras.mixed_precision.set_global_policy(run.precision)
+    log.info("training on Keras backend %s, %s, precision %s", run.backend, run.device, run.precision)
     if run.device.kind == "cpu" and run.backend == "tensorflow" and _jax_gpu_plugin_installed():
         log.info("JAX with CUDA is installed: KERAS_BACKEND=jax trains on the GPU")
     return run
