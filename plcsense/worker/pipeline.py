@@ -89,6 +89,10 @@ class Serving:
     windows: WindowStore | None
     stale_devices: set[str] = field(default_factory=set)
     """Devices whose window belonged to a version with another input spec: their next reading restarts it."""
+    model_ref: ModelRef = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.model_ref = ModelRef(name=self.bundle.manifest.name, version=self.bundle.manifest.version)
 
     @property
     def version(self) -> str:
@@ -99,6 +103,7 @@ class Serving:
 class Route:
     settings: RouteSettings
     metrics: RouteMetrics
+    name: str = field(init=False)
     filter: TopicFilter = field(init=False)
     serving: Serving | None = None
     candidate: Serving | None = None
@@ -116,7 +121,9 @@ class Route:
     """Image routes decode off the MQTT network thread, on a bounded pool."""
 
     def __post_init__(self) -> None:
+        self.name = self.settings.name
         self.filter = TopicFilter(self.settings.topic)
+        self.metrics.windows.set_function(self._tracked_windows)  # read at scrape time, not set per reading
         self.policy = self.settings.version
         self.candidate_policy = self.settings.candidate
 
@@ -124,16 +131,16 @@ class Route:
     def bundle(self) -> Bundle | None:
         return self.serving.bundle if self.serving else None
 
+    def _tracked_windows(self) -> int:
+        stores = {id(s.windows): s.windows for s in (self.serving, self.candidate) if s and s.windows is not None}
+        return sum(len(w) for w in stores.values())
+
     def serving_for(self, topic: str) -> Serving | None:
         """The candidate for the canary share of devices (sticky: a device's readings stay on one model)."""
         canary = self.candidate is not None and self.settings.candidate_mode == "canary"
         if canary and zlib.crc32(topic.encode()) % 10_000 < self.settings.canary_percent * 100:
             return self.candidate
         return self.serving
-
-    @property
-    def name(self) -> str:
-        return self.settings.name
 
     @property
     def max_pending(self) -> int | None:
@@ -444,7 +451,6 @@ class Pipeline:
                 raise InputError(ErrorCode.BAD_SHAPE, f"route takes whole windows of shape {shape} (full_windows)")
             device = decoded.device or inbound.topic
             pushed = windows.push(device, decoded.array, reading_time(decoded.ts))
-            route.metrics.windows.set(len(windows))
             if device in serving.stale_devices:
                 serving.stale_devices.discard(device)
                 raise InputError(
@@ -481,7 +487,7 @@ class Pipeline:
         assert route is not None and serving is not None
         bundle = serving.bundle
         try:
-            inputs = np.stack([i.decoded.array for i in batch])  # type: ignore[union-attr]
+            inputs = np.array([i.decoded.array for i in batch])  # type: ignore[union-attr]
             outputs = self._predict(route, bundle, inputs)
             if serving is route.candidate:
                 self.metrics.canary_inputs.labels(route.name, serving.version).inc(len(batch))
@@ -491,9 +497,11 @@ class Pipeline:
             log.exception("inference failed for %s", bundle.label)
             return [self.error(i, ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}") for i in batch]
         answers = []
-        for inbound, output in zip(batch, outputs, strict=True):
+        # One conversion per batch: the documents are built from Python floats (per-element NumPy scalars cost
+        # more than the whole LiteRT invoke of a small sensor model).
+        for inbound, output in zip(batch, outputs.tolist(), strict=True):
             try:
-                answers.append(self.result(inbound, bundle, output))
+                answers.append(self.result(inbound, serving, output))
             except Exception as exc:
                 log.exception("cannot build a result for %s", inbound.topic)
                 answers.append(self.error(inbound, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
@@ -541,37 +549,38 @@ class Pipeline:
         for d in diff:
             m.shadow_score_difference.labels(route.name, manifest.version).observe(float(d))
 
-    def result(self, inbound: Inbound, bundle: Bundle, output: np.ndarray) -> Answer:
-        route, decoded, manifest = inbound.route, inbound.decoded, bundle.manifest
+    def result(self, inbound: Inbound, serving: Serving, output: list[float]) -> Answer:
+        """The result document for one input; ``output`` is the model's output row for it."""
+        route, decoded, manifest = inbound.route, inbound.decoded, serving.bundle.manifest
         assert route is not None and decoded is not None
         fields: dict[str, Any] = {}
         if manifest.task == "classification":
             assert manifest.labels is not None
-            probabilities, ood = split_outputs(manifest, output)
-            order = np.argsort(probabilities)[::-1][:TOP_K]
+            probabilities, ood = (output[:-1], output[-1]) if manifest.ood is not None else (output, None)
+            order = sorted(range(len(probabilities)), key=probabilities.__getitem__, reverse=True)[:TOP_K]
             fields["label"] = manifest.labels[order[0]]
-            fields["score"] = round(float(probabilities[order[0]]), 6)
-            fields["top"] = [Ranked(label=manifest.labels[i], score=round(float(probabilities[i]), 6)) for i in order]
+            fields["score"] = round(probabilities[order[0]], 6)
+            fields["top"] = [Ranked(label=manifest.labels[i], score=round(probabilities[i], 6)) for i in order]
             if ood is not None and manifest.ood is not None:
-                fields["ood_score"] = round(float(ood), 6)
-                fields["unknown"] = bool(ood > manifest.ood.threshold)
+                fields["ood_score"] = round(ood, 6)
+                fields["unknown"] = ood > manifest.ood.threshold
                 if fields["unknown"]:
                     route.metrics.unknown.inc()
         else:
             assert manifest.threshold is not None
-            score = float(np.mean(output))
+            score = sum(output) / len(output)
             channels = manifest.input.channels  # type: ignore[union-attr]
             fields["score"] = round(score, 6)
             fields["threshold"] = round(manifest.threshold, 6)
             fields["is_anomaly"] = score > manifest.threshold
-            fields["channels"] = {name: round(float(v), 6) for name, v in zip(channels, output, strict=True)}
+            fields["channels"] = {name: round(v, 6) for name, v in zip(channels, output, strict=True)}
             if fields["is_anomaly"]:
                 route.metrics.anomalies.inc()
         latency = time.monotonic() - inbound.received
         doc = ResultDocument(
             id=decoded.id,
             topic=inbound.topic,
-            model=ModelRef(name=manifest.name, version=manifest.version),
+            model=serving.model_ref,
             task=manifest.task,
             latency_ms=round(latency * 1000, 3),
             ts=decoded.ts if decoded.ts is not None else time.time(),

@@ -108,4 +108,4 @@ class WindowStore:
         device.since_full += 1
         if (device.since_full - 1) % self.stride:
             return Pushed(None, restarted)
-        return Pushed(np.stack(device.readings), restarted)
+        return Pushed(np.array(device.readings), restarted)  # np.stack: 3x slower on short lists

@@ -90,6 +90,9 @@ def as_tensor(data: Any, spec: SensorSpec | ImageSpec) -> np.ndarray:
         raise InputError(ErrorCode.BAD_SHAPE, "data must be a number array of uniform shape") from None
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def checked(decoded: Decoded, spec: SensorSpec | ImageSpec) -> Decoded:
     """Shape (a full input, or one reading of a windowed model), finiteness and float32 range."""
     array = decoded.array
@@ -101,11 +104,10 @@ def checked(decoded: Decoded, spec: SensorSpec | ImageSpec) -> Decoded:
             raise InputError(
                 ErrorCode.BAD_SHAPE, f"input shape {list(array.shape)}, model needs {list(spec.shape)}{single}"
             )
-    with np.errstate(over="ignore", invalid="ignore"):
-        narrowed = array.astype(np.float32)  # values beyond float32's range become inf here: one check for both
-    if not np.isfinite(narrowed).all():
+    # One reduction checks NaN (max propagates it), infinities and values beyond float32's range together.
+    if array.size and not np.abs(array).max() <= _FLOAT32_MAX:
         if not np.isfinite(array).all():
             raise InputError(ErrorCode.NON_FINITE, "input contains NaN or infinity")
         raise InputError(ErrorCode.NON_FINITE, "input values overflow float32")
-    decoded.array = narrowed
+    decoded.array = array.astype(np.float32, copy=False)
     return decoded
