@@ -29,6 +29,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from plcsense.worker.metrics import Metrics
+from plcsense.worker.paho_speedup import share_property_tables
 from plcsense.worker.pipeline import Answer, Inbound, Outcome, Pipeline, Route
 from plcsense.worker.quiet_log import RateLimitedLog
 from plcsense.worker.settings import MqttSettings
@@ -137,6 +138,7 @@ class Transport:
         pipeline: Pipeline,
         control: Callable[[bytes], dict[str, Any]] | None = None,
     ) -> None:
+        share_property_tables()
         self.settings = settings
         self._control = control
         self.metrics = metrics
