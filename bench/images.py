@@ -3,7 +3,8 @@
     .venv/bin/python bench/images.py [--arch mobilenet_v2] [--weights ../shared/weights/...h5] [--quantize int8]
     .venv/bin/python bench/images.py --variant grey64 --probe     # a harder variant (bench/neu_variants.py)
 
-Prints one JSON line: test accuracy of the exported (LiteRT) model on the test folder, training time, the Keras
+Prints one JSON line: test accuracy of the exported (LiteRT) model on the test folder (with ``--quantize``, also
+that of the float32 model of the same training and the two models' top-1 agreement there), training time, the Keras
 backend, device and precision it trained with and the whole run's wall time, the
 manifest's per-variant figures (float32 / float16 / int8 accuracy and top-1 agreement), what the selection
 chose, the test folder's majority-class rate and, with ``--probe``, the accuracy of a linear probe (logistic
@@ -23,9 +24,11 @@ import numpy as np
 from neu_variants import DEV, HELD_BACK, write_variant
 from sklearn.model_selection import train_test_split
 
-from plcsense.models.bundle import load_bundle
+from plcsense.models.bundle import Bundle, load_bundle, split_outputs
+from plcsense.models.runtime import LiteRTModel, predict_all
 from plcsense.training.backend import configure
-from plcsense.training.evaluate import evaluate
+from plcsense.training.data import load_image_folder
+from plcsense.training.evaluate import classifier_summary
 from plcsense.training.image_config import Augment, ImageTrainConfig
 from plcsense.training.images import train_images
 
@@ -68,6 +71,33 @@ def linear_probe(train: Path, test: Path, weights: str) -> float:
     return float(probe.score(*features["test"]))
 
 
+def float_and_exported(bundle: Bundle, test: Path) -> dict:
+    """Test figures of the exported model and, for a quantised bundle, of the float32 model of the same training.
+
+    The float model is the bundle's ``model.keras`` converted as the export converts its float32 variant, so one
+    training scores both on the same test photos through LiteRT.
+    """
+    from plcsense.training.export import to_tflite
+    from plcsense.training.ood import MahalanobisScore  # noqa: F401  (registers the layer for loading)
+
+    manifest = bundle.manifest
+    assert manifest.labels is not None
+    images = load_image_folder(test, manifest.input, classes=manifest.labels)
+    inputs = images.images.astype("float32")
+    scores = {"exported": classifier_summary(bundle, inputs, images.labels)}
+    if manifest.quantization == "none":
+        return scores
+    import keras
+
+    float_path = bundle.path.with_name(bundle.path.name + ".float32.tflite")
+    float_path.write_bytes(to_tflite(keras.saving.load_model(bundle.path / "model.keras", compile=False)))
+    lite = LiteRTModel(float_path)
+    scores["float32"] = classifier_summary(Bundle(bundle.path, manifest, lite, bundle.digest), inputs, images.labels)
+    top1 = [split_outputs(manifest, predict_all(m, inputs))[0].argmax(axis=1) for m in (lite, bundle.model)]
+    scores["top1_agreement"] = float(np.mean(top1[0] == top1[1]))
+    return scores
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=SHARED / "data" / "neu-det")
@@ -79,6 +109,9 @@ def main() -> None:
     parser.add_argument("--fine-tune-epochs", type=int, default=15)
     parser.add_argument("--fine-tune-layers", type=int, default=None, help="default: chosen by validation")
     parser.add_argument("--quantize", default="none", choices=["none", "float16", "int8"])
+    parser.add_argument(
+        "--min-agreement", type=float, default=None, help="quantised export's required top-1 agreement (0: measure)"
+    )
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--time-budget", type=float, default=600.0)
     parser.add_argument("--variant", choices=sorted({**DEV, **HELD_BACK}), help="a harder NEU variant instead of NEU")
@@ -108,11 +141,14 @@ def main() -> None:
         time_budget=args.time_budget,
         name=args.variant or "neu",
     )
+    if args.min_agreement is not None:
+        cfg.min_agreement = args.min_agreement
     started = time.perf_counter()
     train_images(split / "train", out, cfg)
     train_seconds = time.perf_counter() - started
     bundle = load_bundle(out)
-    scores = evaluate(bundle, split / "test")
+    measured = float_and_exported(bundle, split / "test")
+    scores = measured["exported"]
     labels = [p.parent.name for p in (split / "test").glob("*/*")]
     selection = out / "report" / "selection.json"
     print(
@@ -127,6 +163,10 @@ def main() -> None:
                 "test_n": scores["n"],
                 "test_accuracy": scores["accuracy"],
                 "test_loss": scores["loss"],
+                "test_confusion": scores["confusion_matrix"],
+                "float32_test_accuracy": measured["float32"]["accuracy"] if "float32" in measured else None,
+                "float32_test_confusion": measured["float32"]["confusion_matrix"] if "float32" in measured else None,
+                "test_top1_agreement": measured.get("top1_agreement"),
                 "train_seconds": round(train_seconds, 1),
                 "wall_seconds": round(time.perf_counter() - begun, 1),
                 **device.record(),
