@@ -72,6 +72,18 @@ def _train(args: argparse.Namespace) -> int:
     columns = args.columns.split(",") if args.columns else None
     tensorboard = Path(args.tensorboard) if args.tensorboard else None
     class_weights = False if args.no_class_weights else None
+    classifier = _given(  # what both classifier trainers take
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        val_split=args.val_split,
+        test_split=args.test_split,
+        class_weights=class_weights,
+        tensorboard=tensorboard,
+        quantize=args.quantize,
+        min_agreement=args.min_agreement,
+    )
     training = _training(args)
     if training == "train images":
         from plcsense.training.image_config import Augment, ImageTrainConfig
@@ -84,42 +96,18 @@ def _train(args: argparse.Namespace) -> int:
                 weights=args.weights,
                 image_size=args.image_size,
                 color_mode=args.color_mode,
-                epochs=args.epochs,
                 fine_tune_epochs=args.fine_tune_epochs,
                 fine_tune_layers=args.fine_tune_layers,
                 time_budget=args.time_budget,
-                batch_size=args.batch_size,
-                learning_rate=args.learning_rate,
-                seed=args.seed,
-                val_split=args.val_split,
-                test_split=args.test_split,
-                class_weights=class_weights,
-                tensorboard=tensorboard,
-                quantize=args.quantize,
-                min_agreement=args.min_agreement,
             ),
+            **classifier,
         )
         cfg.augment = Augment.parse("none" if args.no_augment else args.augment or "auto", cfg.arch)
         bundle = train_images(Path(args.data[0]), Path(args.out), cfg)
     elif training == "train sensors --task classify":
         from plcsense.training.sensor_classify import SensorClassifyConfig, train_sensor_classifier
 
-        cfg = SensorClassifyConfig(
-            **common,
-            **_given(
-                columns=columns,
-                epochs=args.epochs,
-                batch_size=args.batch_size,
-                learning_rate=args.learning_rate,
-                seed=args.seed,
-                val_split=args.val_split,
-                test_split=args.test_split,
-                class_weights=class_weights,
-                tensorboard=tensorboard,
-                quantize=args.quantize,
-                min_agreement=args.min_agreement,
-            ),
-        )
+        cfg = SensorClassifyConfig(**common, **_given(columns=columns), **classifier)
         bundle = train_sensor_classifier(Path(args.data[0]), Path(args.out), cfg)
     else:
         from plcsense.training.detectors import ARSettings
