@@ -44,25 +44,34 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import gc
 import itertools
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from plcsense.harness import Broker
+from plcsense.harness import (
+    Answer,
+    Broker,
+    MqttConnectError,
+    MqttSubscribeError,
+    ResultCollector,
+    WorkerError,
+    WorkerProcess,
+    close,
+    connect,
+    start_broker,
+    write_worker_config,
+)
+from plcsense.mqtt_url import redacted
 from plcsense.training.anomaly_eval import alarm_scores, judge_rows
 from plcsense.training.data import SensorTable, read_sensor_csv
 from plcsense.training.quiet import import_tensorflow_quietly
@@ -283,162 +292,61 @@ class MqttReplayError(RuntimeError):
     """The replay through the worker did not complete; the message says where it stopped and why."""
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _log_tail(worker: WorkerProcess, lines: int = 30) -> str:
+    return f"{worker.log_path}:\n" + "\n".join(worker.log().splitlines()[-lines:])
 
 
-class _Results:
-    """Collects results and errors per input topic from ``<topic>/result`` and ``<topic>/error``."""
+def _stop(worker: WorkerProcess, timeout: float = 30.0) -> int | None:
+    """SIGTERM (the worker answers what is in flight and exits 0), SIGKILL if it hangs; its exit code."""
+    if worker.proc is None:
+        return None
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        worker.terminate(timeout)
+    worker.stop()
+    return worker.proc.returncode
 
-    def __init__(self) -> None:
-        self.results: dict[str, dict[str, dict]] = {}
-        self.errors: dict[str, list[dict]] = {}
-        self.duplicates = 0
-        self._cond = threading.Condition()
 
-    def on_message(self, client: object, userdata: object, msg: object) -> None:
-        topic, payload = msg.topic, msg.payload  # type: ignore[attr-defined]
+def _disagreeing_repeats(out: ResultCollector) -> list[str]:
+    """Results that say otherwise than the first answer to their id (at-least-once: a repeat must say the same)."""
+    bad = []
+    for msg in out.messages_on("/result"):
         try:
-            doc = json.loads(payload)
+            doc = json.loads(msg.payload)
         except ValueError:
-            doc = {"error": "unparseable", "detail": repr(payload[:200])}
-        with self._cond:
-            if topic.endswith("/result"):
-                got = self.results.setdefault(topic.removesuffix("/result"), {})
-                if str(doc.get("id")) in got:
-                    self.duplicates += 1  # at-least-once delivery: a repeat must say the same
-                    if got[str(doc.get("id"))].get("is_anomaly") != doc.get("is_anomaly"):
-                        self.errors.setdefault(topic.removesuffix("/result"), []).append(
-                            {"error": "inconsistent_repeat", "detail": f"id {doc.get('id')} answered differently"}
-                        )
-                got[str(doc.get("id"))] = doc
-            else:
-                self.errors.setdefault(topic.removesuffix("/error"), []).append(doc)
-            self._cond.notify_all()
-
-    def wait(
-        self, topic: str, count: int, timeout: float, alive: Callable[[], bool]
-    ) -> tuple[dict[str, dict], list[dict]]:
-        """Wait for ``count`` distinct results on ``topic``, the first error, ``alive()`` False, or the timeout."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                results, errors = self.results.get(topic, {}), self.errors.get(topic, [])
-                if len(results) >= count or errors or not alive() or time.monotonic() >= deadline:
-                    return dict(results), list(errors)
-                self._cond.wait(min(0.5, max(0.0, deadline - time.monotonic())))
-
-
-def _connect(url: str, what: str, timeout: float = 10.0):
-    """A connected paho client (network loop running) for ``url``, or a clear error."""
-    from plcsense.mqtt_url import client_for, host_port
-
-    client = client_for(url)
-    connected = threading.Event()
-    client.on_connect = lambda c, u, flags, reason, props: reason.is_failure or connected.set()
-    try:
-        client.connect(*host_port(url))
-    except OSError as exc:
-        raise MqttReplayError(f"{what}: cannot connect to {url}: {exc}") from None
-    client.loop_start()
-    if not connected.wait(timeout):
-        client.loop_stop()
-        raise MqttReplayError(f"{what}: no CONNACK from {url} within {timeout:.0f} s")
-    return client
-
-
-def _get(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    text = path.read_text(errors="replace") if path.exists() else "<no log>"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-class WorkerProcess:
-    """``plcsense serve`` as a subprocess with a one-route config; always ``stop()`` it."""
-
-    def __init__(self, workdir: Path, url: str, client_id: str, route: dict) -> None:
-        self.port = _free_port()
-        self.log_path = workdir / f"{client_id}.log"
-        self.config = workdir / f"{client_id}.json"
-        mqtt_settings = {"url": url, "client_id": client_id, "session_expiry_s": 0}  # nothing left behind
-        self.config.write_text(
-            json.dumps({"mqtt": mqtt_settings, "metrics": {"host": "127.0.0.1", "port": self.port}, "routes": [route]})
-        )
-        self.proc: subprocess.Popen | None = None
-        self.returncode: int | None = None
-
-    def start(self, timeout: float = READY_TIMEOUT_S) -> None:
-        with self.log_path.open("w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "plcsense", "serve", "--config", str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={k: v for k, v in os.environ.items() if not k.startswith("PLCSENSE_")},  # the config rules
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise MqttReplayError(
-                    f"worker exited with code {self.proc.returncode} before it was ready; "
-                    f"{self.log_path}:\n{_tail(self.log_path)}"
-                )
-            with contextlib.suppress(OSError):
-                if _get(f"http://127.0.0.1:{self.port}/readyz") == 200:
-                    return
-            time.sleep(0.1)
-        raise MqttReplayError(
-            f"worker not ready (/readyz on port {self.port}) within {timeout:.0f} s; "
-            f"{self.log_path}:\n{_tail(self.log_path)}"
-        )
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (the worker answers what is in flight and exits 0); SIGKILL if it hangs. Idempotent."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.returncode = self.proc.returncode
-        return self.returncode
+            doc = None
+        first = out.by_id.get(str(doc.get("id"))) if isinstance(doc, dict) else None
+        if first is None:
+            bad.append(f"not a result: {msg.payload[:80]!r}")
+        elif (said := doc.get("is_anomaly")) != first.doc.get("is_anomaly"):
+            bad.append(f"id {first.doc['id']} answered {first.doc.get('is_anomaly')}, then {said}")
+    return bad
 
 
 def replay_file(
-    f: LabelledFile,
-    run: FileRun,
-    url: str,
-    results: _Results,
-    workdir: Path,
-    topic: str,
-    client_id: str,
-    timeout: float = 120.0,
-) -> tuple[np.ndarray, list[float], dict[str, float]]:
-    """Replay ``f`` through a fresh worker; return its predictions per test row, latencies (ms) and timings."""
+    f: LabelledFile, run: FileRun, url: str, workdir: Path, topic: str, client_id: str, timeout: float = 120.0
+) -> tuple[np.ndarray, list[float], dict[str, float], int]:
+    """Replay ``f`` through a fresh worker; its predictions per test row, latencies (ms), timings and repeats."""
     route = {"name": "skab", "topic": topic, "model": str(run.bundle), "encoding": "json", "max_batch": 64}
-    worker = WorkerProcess(workdir, url, client_id, route)
-    publisher = None
+    settings = {"url": url, "client_id": client_id, "session_expiry_s": 0}  # nothing left behind on the broker
+    config, port = write_worker_config(workdir / f"{client_id}.json", settings, [route])
+    worker = WorkerProcess(config, port, workdir / f"{client_id}.log")
+    failed = threading.Event()
+
+    def on_answer(answer: Answer) -> None:
+        if answer.is_error:
+            failed.set()
+
+    def exited() -> bool:
+        return worker.proc is not None and worker.proc.poll() is not None
+
+    listener = publisher = None
     try:
+        listener = connect(url)
+        out = ResultCollector(listener, [f"{topic}/result", f"{topic}/error"], on_answer=on_answer)
         t0 = time.perf_counter()
-        worker.start()
+        worker.start(timeout=READY_TIMEOUT_S)
         ready_s = time.perf_counter() - t0
-        publisher = _connect(url, f"{f.key}: publisher")
+        publisher = connect(url)
         start = run.first - run.window + 1  # the first window ends at row ``first``
         expected = len(f.values) - run.first
         t0 = time.perf_counter()
@@ -451,23 +359,32 @@ def replay_file(
             if not info.is_published():
                 raise MqttReplayError(f"{f.key}: the broker did not acknowledge message {info.mid} in time")
         published_s = time.perf_counter() - t0
-        got, errors = results.wait(topic, expected, max(1.0, timeout - published_s), lambda: worker.alive)
+        deadline = time.monotonic() + max(1.0, timeout - published_s)
+        while not out.wait_for(expected, 0.5):  # every answer, or the first error, the worker's exit, the timeout
+            if failed.is_set() or exited() or time.monotonic() >= deadline:
+                break
         answered_s = time.perf_counter() - t0
-        if errors:
-            raise MqttReplayError(f"{f.key}: the worker answered with errors on {topic}/error: {errors[:3]}")
+        if out.errors:
+            raise MqttReplayError(f"{f.key}: the worker answered with errors on {topic}/error: {out.errors[:3]}")
+        got = {key: answer.doc for key, answer in out.by_id.items()}
         if len(got) < expected:
-            why = "the worker exited" if not worker.alive else f"no more answers within {timeout:.0f} s"
+            why = "the worker exited" if exited() else f"no more answers within {timeout:.0f} s"
             raise MqttReplayError(
-                f"{f.key}: {len(got)} of {expected} results on {topic}/result ({why}); "
-                f"{worker.log_path}:\n{_tail(worker.log_path)}"
+                f"{f.key}: {len(got)} of {expected} results on {topic}/result ({why}); {_log_tail(worker)}"
             )
+    except (MqttConnectError, MqttSubscribeError, WorkerError) as exc:
+        raise MqttReplayError(f"{f.key}: {exc}") from None
     finally:
         if publisher is not None:
-            publisher.disconnect()
-            publisher.loop_stop()
-        code = worker.stop()
+            close(publisher)
+        code = _stop(worker)
+        if listener is not None:
+            close(listener)  # after the worker: a repeat sent while it drained is still counted and checked
     if code != 0:
-        raise MqttReplayError(f"{f.key}: worker exited with code {code} after SIGTERM; see {worker.log_path}")
+        raise MqttReplayError(f"{f.key}: worker exited with code {code} after SIGTERM; {_log_tail(worker)}")
+    disagree = _disagreeing_repeats(out)
+    if disagree:
+        raise MqttReplayError(f"{f.key}: repeated results on {topic}/result disagree: {disagree[:5]}")
 
     pred = np.zeros(len(run.pred), bool)
     ids = {str(i) for i in range(run.first, len(f.values))}
@@ -478,49 +395,34 @@ def replay_file(
         pred[i - run.train_rows] = bool(got[str(i)]["is_anomaly"])
     latencies = [float(got[i]["latency_ms"]) for i in sorted(ids, key=int)]
     timings = {"ready_s": ready_s, "publish_s": published_s, "answer_s": answered_s, "results": float(expected)}
-    return pred, latencies, timings
-
-
-def start_private_broker(workdir: Path) -> tuple[str, Broker | None]:
-    """A private Mosquitto on a free port (or the one at ``PLCSENSE_MQTT_URL``), as the demo does."""
-    from plcsense.demo import demo_broker
-
-    try:
-        return demo_broker(workdir)
-    except SystemExit as exc:
-        raise MqttReplayError(str(exc)) from None
+    return pred, latencies, timings, out.duplicates
 
 
 def run_via_mqtt(
     files: list[LabelledFile], runs: dict[str, FileRun], url: str, workdir: Path, timeout: float = 120.0
 ) -> tuple[dict[str, object], dict[str, np.ndarray]]:
     """Replay every file through its own worker; predictions per file and a report with parity and latency."""
-    results = _Results()
-    listener = _connect(url, "result listener")
-    listener.on_message = results.on_message
-    subscribed = threading.Event()
-    listener.on_subscribe = lambda *a: subscribed.set()
-    listener.subscribe([("skab/+/in/result", 1), ("skab/+/in/error", 1)])
-    if not subscribed.wait(10):
-        listener.disconnect()
-        listener.loop_stop()
-        raise MqttReplayError(f"result listener: subscription not acknowledged by {url}")
     predictions: dict[str, np.ndarray] = {}
     latencies: list[float] = []
+    repeated = 0
     totals = {"ready_s": 0.0, "publish_s": 0.0, "answer_s": 0.0, "results": 0.0}
     tag = f"{os.getpid()}-{int(time.time())}"
+    # The garbage collector off while replaying (as in echo_compare.py): with TensorFlow loaded a full collection
+    # takes ~0.3 s, and the collector's kept messages set one off every other file, halving the publish rate.
+    gc.collect()
+    gc.disable()
     try:
         for n, f in enumerate(files):
-            pred, lat, t = replay_file(
-                f, runs[f.key], url, results, workdir, f"skab/{n}/in", f"skab-bench-{tag}-{n}", timeout
+            pred, lat, t, repeats = replay_file(
+                f, runs[f.key], url, workdir, f"skab/{n}/in", f"skab-bench-{tag}-{n}", timeout
             )
             predictions[f.key] = pred
             latencies += lat
+            repeated += repeats
             for k, v in t.items():
                 totals[k] += v
     finally:
-        listener.disconnect()
-        listener.loop_stop()
+        gc.enable()
 
     agree = total = 0
     mismatches = []
@@ -533,11 +435,11 @@ def run_via_mqtt(
         mismatches += [f"{f.key}:{run.first + int(i)}" for i in np.flatnonzero(~same)[:5]]
     lat = np.asarray(latencies)
     report = {
-        "url": url,
+        "url": redacted(url),
         "parity": round(agree / total, 6) if total else None,
         "scored_rows": total,
         "mismatches": mismatches[:20],
-        "repeated_results": results.duplicates,
+        "repeated_results": repeated,
         **summarise_predictions(files, predictions, runs[files[0].key].train_rows),
         "latency_ms": {
             "p50": round(float(np.percentile(lat, 50)), 3),
@@ -684,12 +586,15 @@ def main() -> None:
                     for t, p in zip(f.times[args.train_rows :], runs[f.key].pred, strict=True):
                         writer.writerow([f.key, t, int(p)])
         if args.via_mqtt:
-            broker = None
+            broker: Broker | None = None
             try:
-                url = args.url
+                url = args.url or os.environ.get("PLCSENSE_MQTT_URL")
                 if url is None:
-                    (Path(tmp) / "broker").mkdir()
-                    url, broker = start_private_broker(Path(tmp) / "broker")
+                    try:
+                        broker = start_broker(Path(tmp) / "broker", verbose_log=False)
+                    except RuntimeError as exc:  # no Mosquitto here, or it did not start
+                        raise MqttReplayError(f"{exc} (or give --url mqtt://host:1883)") from None
+                    url = broker.url
                 (Path(tmp) / "workers").mkdir()
                 result["via_mqtt"], _ = run_via_mqtt(files, runs, url, Path(tmp) / "workers", args.timeout)
             except MqttReplayError as exc:
