@@ -62,7 +62,7 @@ MOBILENET = SHARED / "weights" / "mobilenet_v2_1.0_224_no_top.h5"
 DEVICES = 8
 INPUTS = "bench/+/in"
 WARMUP = 200
-DEFAULT_INFLIGHT = 64  # plcsense's mqtt.max_inflight default, given to the echo worker as the same window
+SMALL_WINDOW = 64  # plcsense's mqtt.max_inflight default before 1000, tried on both workers
 
 
 # ----------------------------------------------------------------------------- bundles (trained once, cached)
@@ -227,48 +227,77 @@ def plcsense_worker(broker: Broker, workdir: Path, route: dict[str, Any], **mqtt
 # ----------------------------------------------------------------------------- load and measure
 def publish(
     client: mqtt.Client, messages: list[tuple[str, str, bytes]], rate: float | None, sent_at: dict[str, float]
-) -> None:
+) -> list[mqtt.MQTTMessageInfo]:
     """Publish every message, as fast as paho takes them or paced at ``rate`` per second."""
     started = time.perf_counter()
+    infos = []
     for i, (topic, msg_id, payload) in enumerate(messages):
         if rate:
             delay = started + i / rate - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
         sent_at[msg_id] = time.perf_counter()
-        client.publish(topic, payload, qos=1)
+        infos.append(client.publish(topic, payload, qos=1))
+    return infos
+
+
+def run_publisher(url: str, phase: str, count: int, rate: float) -> None:
+    """The load generator's publishing half, in a process of its own: one GIL cannot both publish and collect
+    7,000+ messages a second, and a collector that is the bottleneck measures its own cost of parsing each answer
+    (plcsense's are five times the echo's). Prints when each id was sent (perf_counter is system-wide)."""
+    gc.disable()
+    messages = sensor_payloads(phase, count)
+    client = connect(url, client_id=f"bench-publisher-{os.getpid()}", max_inflight=1000)
+    sent_at: dict[str, float] = {}
+    print("ready", flush=True)
+    sys.stdin.readline()
+    for info in publish(client, messages, rate or None, sent_at):
+        info.wait_for_publish(60)  # the broker has each one before the process ends
+    close(client)
+    print(json.dumps(sent_at), flush=True)
+
+
+def published(broker: Broker, phase: str, count: int, rate: float | None) -> tuple[list[str], dict[str, float]]:
+    """Run the publisher process for ``count`` readings; their ids in order, and when each was sent."""
+    cmd = [sys.executable, __file__, "publish", broker.url, phase, str(count), str(rate or 0)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        raise SystemExit(f"publisher did not start (exit {proc.wait(10)})")
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    sent_at = json.loads(proc.stdout.readline())
+    proc.wait(30)
+    return [f"{phase}-{i}" for i in range(count)], sent_at
 
 
 def sensor_run(broker: Broker, pid: int, args: argparse.Namespace, paced_rate: float | None) -> dict:
     """Warm-up, ``args.repeat`` full-speed bursts of ``args.messages`` (the median counts), then a paced run at
     ``paced_rate`` per second (None: half of the median burst rate); figures for one worker."""
     out = ResultCollector(broker.connect(), "bench/+/in/result")
-    sender = broker.connect(max_inflight=1000)
-    sent_at: dict[str, float] = {}
+    # The collector keeps every answer: a full collection of this process's growing heap paused it for 30-150 ms
+    # every second, which showed as the echo workers' and plcsense's p99 alike. The workers keep their collector on.
+    gc.collect()
+    gc.disable()
+
+    def run(phase: str, count: int, rate: float | None) -> tuple[list[str], dict[str, float]]:
+        ids, sent_at = published(broker, phase, count, rate)
+        if not out.wait_for(ids, 300):
+            raise SystemExit(f"{phase}: {count - sum(i in out.by_id for i in ids)} inputs unanswered")
+        return ids, sent_at
 
     def burst(phase: str, count: int) -> float:
         """Publish ``count`` readings at once; answers per second from the first publish to the last answer."""
-        messages = sensor_payloads(phase, count)
-        publish(sender, messages, None, sent_at)
-        if not out.wait_for([m[1] for m in messages], 300):
-            raise SystemExit(f"{phase}: {count - sum(m[1] in out.by_id for m in messages)} inputs unanswered")
-        return count / (max(out.by_id[m[1]].received for m in messages) - sent_at[messages[0][1]])
+        ids, sent_at = run(phase, count, None)
+        return count / (max(out.by_id[i].received for i in ids) - sent_at[ids[0]])
 
-    # The collector keeps every answer: a full collection of this process's growing heap paused the publisher
-    # and the collector's callbacks for 30-150 ms every second, which showed as the echo workers' and
-    # plcsense's p99 alike (publisher lag p99 111 ms). The workers keep their collector on.
-    gc.collect()
-    gc.disable()
     try:
         burst("warm", WARMUP)
         rates = sorted(burst(f"burst{i}", args.messages) for i in range(args.repeat))
         rate = float(np.median(rates))
         paced = paced_rate or rate / 2
-        messages = sensor_payloads("paced", max(100, int(paced * args.paced_seconds)))
-        publish(sender, messages, paced, sent_at)
-        if not out.wait_for([m[1] for m in messages], 120):
-            raise SystemExit("paced run: inputs unanswered")
-        latency = np.array([(out.by_id[m[1]].received - sent_at[m[1]]) * 1000 for m in messages])
+        ids, sent_at = run("paced", max(100, int(paced * args.paced_seconds)), paced)
+        latency = np.array([(out.by_id[i].received - sent_at[i]) * 1000 for i in ids])
         return {
             "msgs_per_s": round(rate, 1),
             "msgs_per_s_range": [round(rates[0], 1), round(rates[-1], 1)],
@@ -280,7 +309,6 @@ def sensor_run(broker: Broker, pid: int, args: argparse.Namespace, paced_rate: f
         }
     finally:
         gc.enable()
-        close(sender)
         out.close()
 
 
@@ -349,11 +377,11 @@ def main() -> None:
             return start_broker(work / name, verbose_log=False)
 
         # plcsense at defaults first: every other paced run goes at half of its rate (its own half for 1000)
-        for name, extra in (("plcsense default", {}), ("plcsense max_inflight 1000", {"max_inflight": 1000})):
+        for name, extra in (("plcsense default", {}), ("plcsense max_inflight 64", {"max_inflight": SMALL_WINDOW})):
             with broker(name) as b, plcsense_worker(b, work, route, **extra) as pid:
                 rows[name] = sensor_run(b, pid, args, None)
         half = rows["plcsense default"]["paced_rate"]
-        for window, connections in ((DEFAULT_INFLIGHT, 1), (1000, 1), (DEFAULT_INFLIGHT, 2), (1000, 2)):
+        for window, connections in ((SMALL_WINDOW, 1), (1000, 1), (SMALL_WINDOW, 2), (1000, 2)):
             name = f"echo, {connections} conn, Receive Max {window}"
             with broker(name) as b, echo_worker(b, window, connections) as pid:
                 rows[name] = sensor_run(b, pid, args, half)
@@ -408,6 +436,8 @@ def print_table(report: dict[str, Any]) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["echo"]:
         run_echo(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    elif sys.argv[1:2] == ["publish"]:
+        run_publisher(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))
     elif sys.argv[1:2] == ["in-loop"]:
         in_loop(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
     else:

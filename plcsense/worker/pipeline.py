@@ -497,11 +497,12 @@ class Pipeline:
             log.exception("inference failed for %s", bundle.label)
             return [self.error(i, ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}") for i in batch]
         answers = []
-        # One conversion per batch: the documents are built from Python floats (per-element NumPy scalars cost
-        # more than the whole LiteRT invoke of a small sensor model).
-        for inbound, output in zip(batch, outputs.tolist(), strict=True):
+        # One conversion and one rounding per batch: the documents are built from Python floats (per-element
+        # NumPy scalars and round() calls cost more than the whole LiteRT invoke of a small sensor model).
+        shown = np.round(outputs, 6).tolist()
+        for inbound, output, rounded in zip(batch, outputs.tolist(), shown, strict=True):
             try:
-                answers.append(self.result(inbound, serving, output))
+                answers.append(self.result(inbound, serving, output, rounded))
             except Exception as exc:
                 log.exception("cannot build a result for %s", inbound.topic)
                 answers.append(self.error(inbound, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
@@ -549,8 +550,9 @@ class Pipeline:
         for d in diff:
             m.shadow_score_difference.labels(route.name, manifest.version).observe(float(d))
 
-    def result(self, inbound: Inbound, serving: Serving, output: list[float]) -> Answer:
-        """The result document for one input; ``output`` is the model's output row for it."""
+    def result(self, inbound: Inbound, serving: Serving, output: list[float], shown: list[float]) -> Answer:
+        """The result document for one input: ``output`` is the model's output row for it, ``shown`` the same
+        rounded to 6 decimals for the document (decisions are taken on ``output``)."""
         route, decoded, manifest = inbound.route, inbound.decoded, serving.bundle.manifest
         assert route is not None and decoded is not None
         fields: dict[str, Any] = {}
@@ -559,10 +561,10 @@ class Pipeline:
             probabilities, ood = (output[:-1], output[-1]) if manifest.ood is not None else (output, None)
             order = sorted(range(len(probabilities)), key=probabilities.__getitem__, reverse=True)[:TOP_K]
             fields["label"] = manifest.labels[order[0]]
-            fields["score"] = round(probabilities[order[0]], 6)
-            fields["top"] = [Ranked(label=manifest.labels[i], score=round(probabilities[i], 6)) for i in order]
+            fields["score"] = shown[order[0]]
+            fields["top"] = [Ranked(label=manifest.labels[i], score=shown[i]) for i in order]
             if ood is not None and manifest.ood is not None:
-                fields["ood_score"] = round(ood, 6)
+                fields["ood_score"] = shown[-1]
                 fields["unknown"] = ood > manifest.ood.threshold
                 if fields["unknown"]:
                     route.metrics.unknown.inc()
@@ -573,7 +575,7 @@ class Pipeline:
             fields["score"] = round(score, 6)
             fields["threshold"] = round(manifest.threshold, 6)
             fields["is_anomaly"] = score > manifest.threshold
-            fields["channels"] = {name: round(v, 6) for name, v in zip(channels, output, strict=True)}
+            fields["channels"] = dict(zip(channels, shown, strict=True))
             if fields["is_anomaly"]:
                 route.metrics.anomalies.inc()
         latency = time.monotonic() - inbound.received

@@ -40,6 +40,10 @@ STALL_S = 60.0
 """Intake waiting this long without one answer means the message path is stuck: /healthz fails."""
 
 
+_MAX_PACKETS_PER_PASS = 256
+"""Packets handled in one pass of paho's loop before it sends what is queued (acknowledgements) and checks keepalive."""
+
+
 def _resume_at(limit: int) -> int:
     """Where a full window of ``limit`` resumes taking inputs: a quarter free (at least one place)."""
     return limit - max(1, limit // 4)
@@ -82,6 +86,13 @@ class _ReadAhead:
         inner = getattr(self._sock, "pending", None)
         return len(self._buffer) + (inner() if inner is not None else 0)
 
+    @property
+    def buffered(self) -> bool:
+        return bool(self._buffer)
+
+    def fileno(self) -> int:  # select() asks on every loop pass
+        return self._sock.fileno()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
 
@@ -101,6 +112,19 @@ class _Client(mqtt.Client):
 
     def _create_socket(self) -> Any:
         return _ReadAhead(super()._create_socket())
+
+    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        """paho's, then every packet already read ahead (at most ``_MAX_PACKETS_PER_PASS``).
+
+        paho reads one packet per pass of its loop on a connection with nothing of its own in flight, which is
+        the intake's case: a select() and a full loop pass for every input."""
+        rc = super().loop_read(max_packets)
+        sock = self._sock
+        for _ in range(_MAX_PACKETS_PER_PASS):
+            if rc != mqtt.MQTT_ERR_SUCCESS or not isinstance(sock, _ReadAhead) or not sock.buffered:
+                break
+            rc = super().loop_read(1)
+        return rc
 
 
 def connect_failure(exc: BaseException | None, s: MqttSettings) -> tuple[str, str]:
@@ -502,8 +526,7 @@ class Transport:
     def _finish(self, inbound: Inbound) -> None:
         """The answer is with the broker (or none is owed): acknowledge the input."""
         delivery: Delivery = inbound.delivery
-        with self._lock:
-            current = delivery.generation == self._generation
+        current = delivery.generation == self._generation  # the lock would not make check and ack one step either
         if delivery.qos and current:  # after a reconnect the broker redelivers it; an old packet id could hit another
             self.client.ack(delivery.mid, delivery.qos)
         self._abandon()
