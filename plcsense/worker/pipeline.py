@@ -500,12 +500,15 @@ class Pipeline:
         # One conversion and one rounding per batch: the documents are built from Python floats (per-element
         # NumPy scalars and round() calls cost more than the whole LiteRT invoke of a small sensor model).
         shown = np.round(outputs, 6).tolist()
+        results = 0
         for inbound, output, rounded in zip(batch, outputs.tolist(), shown, strict=True):
             try:
                 answers.append(self.result(inbound, serving, output, rounded))
+                results += 1
             except Exception as exc:
                 log.exception("cannot build a result for %s", inbound.topic)
                 answers.append(self.error(inbound, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+        route.metrics.results.inc(results)
         if route.capture is not None:
             self._capture(route.capture, bundle, batch, answers)
         return answers
@@ -588,7 +591,6 @@ class Pipeline:
             ts=decoded.ts if decoded.ts is not None else time.time(),
             **fields,
         )
-        route.metrics.results.inc()
         route.metrics.latency.observe(latency)
         topic = inbound.response_topic or route.settings.result_topic.format(topic=inbound.topic, route=route.name)
         return Answer(topic, doc.to_json(), route.settings.qos, inbound.correlation, route.name)

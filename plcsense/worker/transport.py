@@ -419,12 +419,13 @@ class Transport:
             self._room.notify()
 
     def _take(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
-        if self._control is not None and msg.topic == self.settings.control_topic:
+        topic = msg.topic  # decoded from bytes at every access
+        if self._control is not None and topic == self.settings.control_topic:
             reply = self._control(msg.payload)
-            self.answers.publish(f"{msg.topic}/reply", json.dumps(reply), qos=1)
+            self.answers.publish(f"{topic}/reply", json.dumps(reply), qos=1)
             client.ack(msg.mid, msg.qos)
             return
-        route = self.pipeline.route_for(msg.topic)
+        route = self.pipeline.route_for(topic)
         if route is None:  # an answer or status topic (ours or a sibling's): acknowledge and ignore
             self.metrics.ignored.labels("output_topic").inc()
             client.ack(msg.mid, msg.qos)
@@ -436,7 +437,7 @@ class Transport:
                 self._set_saturated(True)
                 while not self._refilled(route) and not self._draining and self._connected.is_set():
                     self._room.wait(0.5)
-            self._set_saturated(False)
+                self._set_saturated(False)
             if self._draining:
                 return  # not acknowledged: the broker keeps it for our next session
             self._unacked += 1
@@ -444,7 +445,7 @@ class Transport:
             generation = self._generation
         props = getattr(msg, "properties", None)
         inbound = Inbound(
-            msg.topic,
+            topic,
             msg.payload,
             response_topic=getattr(props, "ResponseTopic", None),
             correlation=getattr(props, "CorrelationData", None),
