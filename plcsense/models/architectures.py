@@ -11,16 +11,39 @@ import numpy as np
 from keras import layers
 
 
-def scratch_cnn(input_shape: tuple[int, int, int], num_classes: int, *, dropout: float = 0.5) -> keras.Model:
-    """The classic small CNN: Conv2D 32-64-128-128 with max pooling, dropout, dense 512, softmax."""
+def scratch_cnn(
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    filters: tuple[int, ...] = (32, 64, 128, 256),
+    dropout: float = 0.3,
+    dense: int = 128,
+) -> keras.Model:
+    """A small CNN: Conv2D 32-64-128-256, each with BatchNorm, ReLU and max pooling, then global average pooling,
+    dropout, a dense 128 ReLU layer and a softmax.
+
+    Chosen on NEU by validation only (bench/images.py's training folder, 1,440 photos, of which the seeded 15 %
+    validation part, 216 photos, scored each candidate; 128 px, flips, 30 epochs, 2 CPU cores): the former Conv
+    32-64-128-128 + Flatten + Dense 512 (4.4 M weights) reached 0.977 validation accuracy and was still improving
+    at epoch 30 (test 0.956, n=360); with BatchNorm and global average pooling straight into the softmax 0.991;
+    with the dense 128 layer as well 1.000, in 300-400 s as before. Global average pooling suits textures (a
+    defect's response counts wherever it lies) and leaves little to over-fit (0.42 M weights); BatchNorm
+    (momentum 0.9, so a few dozen steps settle its statistics on small data) trains faster. The dense ReLU layer
+    is the feature space the out-of-distribution score reads (:mod:`plcsense.training.ood`): on the pooled
+    features themselves the tests' grey-picture model flagged 13 % of new known pictures (limit 10 %), with it
+    none of the checks fail. Validation figures swing while the learning rate is high and settle once the
+    plateau schedule lowers it; early stopping keeps the best epoch.
+    """
     inputs = keras.Input(input_shape, name="pixels")
     x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
-    for filters in (32, 64, 128, 128):
-        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
-        x = layers.MaxPooling2D(2)(x)
-    x = layers.Flatten()(x)
+    for width in filters:
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization(momentum=0.9)(x)
+        x = layers.ReLU()(x)
+        x = layers.MaxPooling2D(2, padding="same")(x)  # "same": tiny inputs (16 px in the tests) stay at 1 x 1
+    x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(dropout)(x)
-    x = layers.Dense(512, activation="relu")(x)
+    x = layers.Dense(dense, activation="relu")(x)
     # the softmax in float32 under mixed precision too (plcsense.training.backend)
     outputs = layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="scratch_cnn")
