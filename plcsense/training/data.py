@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,25 +40,40 @@ def class_folders(root: Path) -> list[Path]:
     return folders
 
 
-def load_image_folder(root: Path, spec: ImageSpec, classes: list[str] | None = None) -> ImageSet:
-    """Load ``root/<class>/*.png|jpg...`` into arrays; corrupt files are skipped and listed."""
+def class_files(
+    root: Path, classes: list[str] | None, suffixes: Collection[str], kind: str
+) -> tuple[list[str], list[tuple[int, list[Path]]]]:
+    """The class names and, per class folder, its label and its files ending in one of ``suffixes`` (``kind``
+    names them in errors). ``classes`` fixes the label order (a trained model's labels); a folder outside it is
+    an error."""
     folders = class_folders(root)
     names = classes or [f.name for f in folders]
-    index = {name: i for i, name in enumerate(names)}
-    images, labels, skipped = [], [], []
+    found = []
     for folder in folders:
-        if folder.name not in index:
+        if folder.name not in names:
             raise DataError(f"{folder}: class {folder.name!r} is not one the model knows ({', '.join(names)})")
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
         if not files:
-            raise DataError(f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise DataError(f"class folder {folder} holds no {kind}")
+        found.append((names.index(folder.name), files))
+    return names, found
+
+
+IMAGES = f"images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+
+
+def load_image_folder(root: Path, spec: ImageSpec, classes: list[str] | None = None) -> ImageSet:
+    """Load ``root/<class>/*.png|jpg...`` into arrays; corrupt files are skipped and listed."""
+    names, per_class = class_files(root, classes, IMAGE_SUFFIXES, IMAGES)
+    images, labels, skipped = [], [], []
+    for label, files in per_class:
         for file in files:
             try:
                 images.append(load_image_file(str(file), spec))
             except (InputError, OSError) as exc:
                 skipped.append(f"{file}: {exc}")
                 continue
-            labels.append(index[folder.name])
+            labels.append(label)
     if skipped:
         log.warning("skipped %d unreadable images:\n  %s", len(skipped), "\n  ".join(skipped))
     if not images:
@@ -194,20 +210,13 @@ def load_sensor_folder(
     when given, else those of the first file); a file that differs is named in the :class:`DataError`.
     ``classes`` fixes the label order (a trained model's labels); a folder outside it is an error.
     """
-    folders = class_folders(root)
-    names = classes or [f.name for f in folders]
-    index = {name: i for i, name in enumerate(names)}
+    names, per_class = class_files(root, classes, {".csv"}, ".csv files (one CSV per sample)")
     inputs: list[np.ndarray] = []
     labels: list[int] = []
     files: list[Path] = []
     channels = list(columns) if columns else None
     first: Path | None = None
-    for folder in folders:
-        if folder.name not in index:
-            raise DataError(f"{folder}: class {folder.name!r} is not one the model knows ({', '.join(names)})")
-        paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".csv")
-        if not paths:
-            raise DataError(f"class folder {folder} holds no .csv files (one CSV per sample)")
+    for label, paths in per_class:
         for path in paths:
             table = read_sensor_csv(path, columns=columns)
             if channels is None:
@@ -228,7 +237,7 @@ def load_sensor_folder(
             if first is None:
                 first = path
             inputs.append(table.values)
-            labels.append(index[folder.name])
+            labels.append(label)
             files.append(path)
     assert channels is not None
     return SensorSamples(np.stack(inputs).astype(np.float32), np.asarray(labels), names, channels, files)

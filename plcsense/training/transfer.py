@@ -29,7 +29,7 @@ from plcsense.models.backbones import BACKBONES, POOLINGS, build_backbone, class
 from plcsense.models.bundle import Bundle, ImageSpec
 from plcsense.models.inputs import InputError, load_image_file
 from plcsense.training.classifier import ClassifierRun, Schedule, Splits
-from plcsense.training.data import IMAGE_SUFFIXES, DataError, class_folders
+from plcsense.training.data import IMAGE_SUFFIXES, IMAGES, DataError, class_files
 from plcsense.training.image_config import ImageTrainConfig
 from plcsense.training.image_select import (
     DEPTHS,
@@ -70,18 +70,9 @@ class Photos:
 
 def list_photos(root: Path, classes: list[str] | None = None, *, from_val: bool = False) -> tuple[Photos, list[str]]:
     """``root/<class>/*`` image files; ``classes`` fixes the label order (a folder outside it is an error)."""
-    folders = class_folders(root)
-    names = classes or [f.name for f in folders]
-    files: list[Path] = []
-    labels: list[int] = []
-    for folder in folders:
-        if folder.name not in names:
-            raise DataError(f"{folder}: class {folder.name!r} is not one of the training classes ({', '.join(names)})")
-        found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not found:
-            raise DataError(f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        files += found
-        labels += [names.index(folder.name)] * len(found)
+    names, per_class = class_files(root, classes, IMAGE_SUFFIXES, IMAGES)
+    files = [file for _, found in per_class for file in found]
+    labels = [label for label, found in per_class for _ in found]
     return Photos(files, np.asarray(labels), np.full(len(files), from_val)), names
 
 
