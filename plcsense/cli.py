@@ -191,13 +191,17 @@ def _predict(args: argparse.Namespace) -> int:
             sample = (
                 load_image_file(path, spec) if isinstance(spec, ImageSpec) else read_sensor_sample(Path(path), spec)
             )
-            probabilities = split_outputs(bundle.manifest, bundle.model.predict(sample[None]))[0]
+            probabilities, ood = split_outputs(bundle.manifest, bundle.model.predict(sample[None]))
         except (InputError, DataError, OSError) as exc:
             print(f"{path}\terror: {exc}")
             failed += 1
             continue
         best = int(probabilities[0].argmax())
-        print(f"{path}\t{labels[best]}\t{probabilities[0, best]:.4f}")
+        line = f"{path}\t{labels[best]}\t{probabilities[0, best]:.4f}"
+        ood_spec = bundle.manifest.ood
+        if ood is not None and ood_spec is not None and ood[0] > ood_spec.threshold:
+            line += f"\tunknown: unlike the training data (ood score {ood[0]:.3g} > {ood_spec.threshold:.3g})"
+        print(line)
     return 1 if failed else 0
 
 

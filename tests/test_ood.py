@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -102,6 +104,24 @@ def test_evaluate_has_an_unknown_column(image_bundle, tmp_path):
     assert rows["foreign"]["unknown"] >= 0.9
     header = format_table(rows).splitlines()[0].split()
     assert "unknown" in header and "accuracy" in header
+
+
+def test_predict_says_unknown(image_bundle, tmp_path):
+    files = []
+    for i, payload in enumerate(foreign_pictures(5)):
+        files.append(tmp_path / f"foreign{i}.png")
+        files[-1].write_bytes(payload)
+    proc = subprocess.run(
+        [sys.executable, "-m", "plcsense", "predict", str(image_bundle), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 5
+    unknown = [line for line in lines if "\tunknown: unlike the training data (ood score " in line]
+    assert len(unknown) >= 3, lines  # the model flags >= 90 % of these (test above)
 
 
 def test_worker_results_say_unknown_and_count_it(broker, image_bundle, image_data, run_worker, collectors):
