@@ -87,7 +87,7 @@ def main() -> int:
     if not all((args.data / f"{name}.txt").is_file() for name in (*SENSORS, "profile")):
         print(json.dumps({"skipped": f"hydraulic data not found under {args.data}"}))
         return 0
-    from plcsense.training.quiet import import_tensorflow_quietly
+    from plcsense.quiet import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -72,9 +72,9 @@ from plcsense.harness import (
     write_worker_config,
 )
 from plcsense.mqtt_url import redacted
+from plcsense.quiet import import_tensorflow_quietly
 from plcsense.training.anomaly_eval import alarm_scores, judge_rows
 from plcsense.training.data import SensorTable, read_sensor_csv
-from plcsense.training.quiet import import_tensorflow_quietly
 
 LABEL, CHANGEPOINT = "anomaly", "changepoint"
 READY_TIMEOUT_S = 60.0

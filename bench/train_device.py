@@ -55,7 +55,7 @@ def load_rgb(files: list[Path], size: int) -> np.ndarray:
 
 
 def train(data: Path, weights: Path, out: Path, size: int, head_epochs: int, fine_tune_epochs: int) -> None:
-    from plcsense.training.quiet import import_tensorflow_quietly
+    from plcsense.quiet import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     import keras
@@ -123,7 +123,7 @@ def train(data: Path, weights: Path, out: Path, size: int, head_epochs: int, fin
 
 
 def export(run_dir: Path, data: Path, out: Path) -> None:
-    from plcsense.training.quiet import import_tensorflow_quietly
+    from plcsense.quiet import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     import keras

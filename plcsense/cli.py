@@ -139,8 +139,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from plcsense.models.bundle import load_bundle
+    from plcsense.quiet import LITERT_STARTUP, without_lines
     from plcsense.training.evaluate import evaluate, format_table
-    from plcsense.training.quiet import LITERT_STARTUP, without_lines
 
     with without_lines(LITERT_STARTUP):
         bundle = load_bundle(args.bundle)
@@ -172,8 +172,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from plcsense.models.bundle import ImageSpec, load_bundle, split_outputs
     from plcsense.models.inputs import InputError, load_image_file
+    from plcsense.quiet import LITERT_STARTUP, without_lines
     from plcsense.training.data import DataError, read_sensor_sample
-    from plcsense.training.quiet import LITERT_STARTUP, without_lines
 
     with without_lines(LITERT_STARTUP):
         bundle = load_bundle(args.bundle)
@@ -238,7 +238,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _pack(args: argparse.Namespace) -> int:
     from plcsense.models.fetch import FetchError, pack
-    from plcsense.training.quiet import LITERT_STARTUP, without_lines
+    from plcsense.quiet import LITERT_STARTUP, without_lines
 
     try:
         with without_lines(LITERT_STARTUP):
@@ -254,7 +254,7 @@ def _pack(args: argparse.Namespace) -> int:
 
 def _fetch(args: argparse.Namespace) -> int:
     from plcsense.models.fetch import FetchError, fetch
-    from plcsense.training.quiet import LITERT_STARTUP, without_lines
+    from plcsense.quiet import LITERT_STARTUP, without_lines
 
     try:
         with without_lines(LITERT_STARTUP):
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         if problem := _train_usage_problem(args):
             print(f"plcsense: {problem}", file=sys.stderr)
             return 2
-        from plcsense.training.quiet import import_tensorflow_quietly
+        from plcsense.quiet import import_tensorflow_quietly
 
         import_tensorflow_quietly()  # before anything imports TensorFlow: its start-up notices bury useful lines
     from plcsense.models.bundle import BundleError

@@ -91,7 +91,7 @@ def write_eeg(path: Path) -> None:
 
 def prepare(workdir: Path) -> tuple[Path, Path]:
     """Write the demo data and train the two bundles (kept between runs)."""
-    from plcsense.training.quiet import import_tensorflow_quietly
+    from plcsense.quiet import import_tensorflow_quietly
 
     import_tensorflow_quietly()  # before the trainers import it: TensorFlow's start-up notices open the demo
     from plcsense.training.images import ImageTrainConfig, train_images

@@ -24,8 +24,8 @@ from plcsense.models.bundle import (
     write_manifest,
 )
 from plcsense.models.runtime import LiteRTModel, predict_all
+from plcsense.quiet import CONVERTER, LITERT_STARTUP, without_lines
 from plcsense.training.backend import as_float32, convert_elsewhere
-from plcsense.training.quiet import CONVERTER, LITERT_STARTUP, without_lines
 
 GOLDEN_SAMPLES = 3
 REPRESENTATIVE_SAMPLES = 200

@@ -29,8 +29,8 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from plcsense.models.backbones import preprocessed, top_part, unfreeze_above
+from plcsense.quiet import LITERT_STARTUP, without_lines
 from plcsense.training.export import to_tflite
-from plcsense.training.quiet import LITERT_STARTUP, without_lines
 
 log = logging.getLogger("plcsense.training")
 

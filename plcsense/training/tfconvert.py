@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
     if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
         print("the LiteRT converter needs KERAS_BACKEND=tensorflow", file=sys.stderr)
         return 2
-    from plcsense.training.quiet import import_tensorflow_quietly
+    from plcsense.quiet import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     import keras

@@ -9,6 +9,7 @@ import threading
 from http.server import ThreadingHTTPServer
 from typing import Any
 
+from plcsense.quiet import LITERT_STARTUP, without_lines
 from plcsense.worker.metrics import Metrics, serve_http
 from plcsense.worker.pipeline import Answer, Inbound, Pipeline
 from plcsense.worker.settings import Settings
@@ -78,7 +79,8 @@ class Worker:
         return self.transport.healthy()
 
     def start(self) -> None:
-        self.pipeline.load_models()
+        with without_lines(LITERT_STARTUP):  # LiteRT announces its CPU delegate at the first interpreter only
+            self.pipeline.load_models()
         m = self.settings.metrics
         if m.port:
             self._http = serve_http(m.host, m.port, self.metrics, self.ready, self.healthy)

@@ -5,8 +5,8 @@ chatter) but has to be set before TensorFlow is imported, and even then the impo
 messages before absl::InitializeLog()" and oneDNN's "custom operations are on" before it reads the variable.
 Those, the int8 converter's settings dump and LiteRT's "Created TensorFlow Lite XNNPACK delegate" come from C++
 straight to file descriptor 2, below Python's ``sys.stderr``, so :func:`without_lines` captures that descriptor
-around the code that prints them and passes every other line on. Only the CLI's and training's paths use this;
-the worker never imports TensorFlow.
+around the code that prints them and passes every other line on. The CLI, training and the worker's first model
+load use it (importing this module imports no TensorFlow).
 """
 
 from __future__ import annotations
