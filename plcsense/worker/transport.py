@@ -180,7 +180,7 @@ class Transport:
         self._early_acks: set[int] = set()  # PUBACKs that beat the bookkeeping after publish()
         self._draining = False
         self._saturated = False
-        self._route_resume: dict[str, int] = {}  # per route: working count at which a full route resumes
+        self._waiting_for: Route | None = None  # the route of the input a full intake holds, while it waits
         self._stalled_since: float | None = None  # intake waiting for room, and no answer since
         self._connected = threading.Event()
         self._answers_connected = threading.Event()
@@ -406,16 +406,12 @@ class Transport:
             limit is None or self._working.get(route.name, 0) <= _resume_at(limit)
         )
 
-    def _wake_intake(self, route: str | None = None) -> None:
-        """Wake a waiting intake only once a quarter of its window is free (caller holds the lock).
+    def _wake_intake(self) -> None:
+        """Wake a waiting intake only once its window is refilled (caller holds the lock).
 
         Woken at every answer, the network thread took one input and slept again: two thread switches and a
         GIL hand-over per input while saturated, 36 futex calls per message measured with strace."""
-        if not self._saturated:
-            return
-        if self._unacked <= _resume_at(self.settings.max_inflight) or (
-            route is not None and self._working.get(route, 0) <= self._route_resume.get(route, -1)
-        ):
+        if self._waiting_for is not None and self._refilled(self._waiting_for):
             self._room.notify()
 
     def _take(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
@@ -432,11 +428,11 @@ class Transport:
             return
         with self._lock:
             if not self._has_room(route):
-                if route.max_pending is not None:
-                    self._route_resume[route.name] = _resume_at(route.max_pending)
                 self._set_saturated(True)
+                self._waiting_for = route
                 while not self._refilled(route) and not self._draining and self._connected.is_set():
                     self._room.wait(0.5)
+                self._waiting_for = None
                 self._set_saturated(False)
             if self._draining:
                 return  # not acknowledged: the broker keeps it for our next session
@@ -479,7 +475,7 @@ class Transport:
             self._working[delivery.route] -= 1
             if self._stalled_since is not None:  # progress: the clock of a stall starts again
                 self._stalled_since = time.monotonic()
-            self._wake_intake(delivery.route)
+            self._wake_intake()
 
     def _publish(self, inbound: Inbound, answer: Answer) -> None:
         props = None
