@@ -497,13 +497,16 @@ class Pipeline:
             log.exception("inference failed for %s", bundle.label)
             return [self.error(i, ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}") for i in batch]
         answers = []
-        # One conversion and one rounding per batch: the documents are built from Python floats (per-element
-        # NumPy scalars and round() calls cost more than the whole LiteRT invoke of a small sensor model).
-        shown = np.round(outputs, 6).tolist()
+        # One split, one conversion and one rounding per batch: the documents are built from Python floats
+        # (per-element NumPy scalars and round() calls cost more than the whole LiteRT invoke of a small sensor model).
+        manifest = bundle.manifest
+        values, ood = split_outputs(manifest, outputs) if manifest.task == "classification" else (outputs, None)
+        shown = np.round(values, 6).tolist()
+        oods = [None] * len(batch) if ood is None else ood.tolist()
         results = 0
-        for inbound, output, rounded in zip(batch, outputs.tolist(), shown, strict=True):
+        for inbound, output, rounded, ood_score in zip(batch, values.tolist(), shown, oods, strict=True):
             try:
-                answers.append(self.result(inbound, serving, output, rounded))
+                answers.append(self.result(inbound, serving, output, rounded, ood_score))
                 results += 1
             except Exception as exc:
                 log.exception("cannot build a result for %s", inbound.topic)
@@ -553,21 +556,23 @@ class Pipeline:
         for d in diff:
             m.shadow_score_difference.labels(route.name, manifest.version).observe(float(d))
 
-    def result(self, inbound: Inbound, serving: Serving, output: list[float], shown: list[float]) -> Answer:
-        """The result document for one input: ``output`` is the model's output row for it, ``shown`` the same
-        rounded to 6 decimals for the document (decisions are taken on ``output``)."""
+    def result(
+        self, inbound: Inbound, serving: Serving, output: list[float], shown: list[float], ood: float | None = None
+    ) -> Answer:
+        """The result document for one input: ``output`` is the model's output row for it (a classifier's class
+        probabilities, without the ood element), ``shown`` the same rounded to 6 decimals for the document
+        (decisions are taken on ``output``) and ``ood`` a classifier's out-of-distribution score, if it has one."""
         route, decoded, manifest = inbound.route, inbound.decoded, serving.bundle.manifest
         assert route is not None and decoded is not None
         fields: dict[str, Any] = {}
         if manifest.task == "classification":
             assert manifest.labels is not None
-            probabilities, ood = (output[:-1], output[-1]) if manifest.ood is not None else (output, None)
-            order = sorted(range(len(probabilities)), key=probabilities.__getitem__, reverse=True)[:TOP_K]
+            order = sorted(range(len(output)), key=output.__getitem__, reverse=True)[:TOP_K]
             fields["label"] = manifest.labels[order[0]]
             fields["score"] = shown[order[0]]
             fields["top"] = [Ranked(label=manifest.labels[i], score=shown[i]) for i in order]
             if ood is not None and manifest.ood is not None:
-                fields["ood_score"] = shown[-1]
+                fields["ood_score"] = round(ood, 6)
                 fields["unknown"] = ood > manifest.ood.threshold
                 if fields["unknown"]:
                     route.metrics.unknown.inc()
