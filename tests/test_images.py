@@ -157,6 +157,17 @@ def test_failed_quantisation_parity_fails_loudly(parts, tmp_path):
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
 
 
+def test_scratch_cnn_keeps_to_its_time_budget(parts, tmp_path, caplog):
+    """A budget that the export's share already fills: one epoch, a progress line with the time spent and left,
+    the best weights exported and the stop recorded in the manifest."""
+    cfg = ImageTrainConfig(arch="scratch", image_size=16, epochs=12, batch_size=8, augment=None, time_budget=1)
+    with caplog.at_level("INFO", logger="plcsense.training"):
+        bundle = train_images(parts, tmp_path / "b", cfg)
+    assert re.search(r"\[fit +\d+s elapsed, +0s left\] epoch 1/12: loss [0-9.]+, accuracy", caplog.text)
+    assert "stopping: another epoch" in caplog.text and "epoch 2/12" not in caplog.text
+    assert bundle.manifest.metrics["stopped_by_time_budget"] == 1.0
+
+
 def test_transfer_learning_selects_by_validation_within_budget(parts, tmp_path):
     """Grey images into an RGB backbone: frozen probes, flips, fine-tuning, the refit, all reported and timed."""
     out = tmp_path / "b"

@@ -22,6 +22,7 @@ import numpy as np
 from plcsense.models.bundle import Bundle, InputSpec, OodSpec, Quantize, new_manifest, split_outputs
 from plcsense.models.runtime import LiteRTModel, predict_all
 from plcsense.training.backend import tensorboard
+from plcsense.training.clock import Clock
 from plcsense.training.data import DataError
 from plcsense.training.evaluate import classification_scores
 from plcsense.training.export import Quantization, export_bundle
@@ -86,6 +87,35 @@ class Splits:
         return self.test if len(self.test[1]) else self.val
 
 
+class EpochBudget(keras.callbacks.Callback):
+    """A progress line per epoch with the elapsed and remaining time of the run's budget, and the end of the
+    phase when one more epoch would leave less than ``reserve`` seconds (the export's share) of it."""
+
+    def __init__(self, clock: Clock, phase: str, epochs: int, reserve: float) -> None:
+        super().__init__()
+        self.clock, self.phase, self.epochs, self.reserve = clock, phase, epochs, reserve
+        self.began = 0.0
+        self.stopped = False
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.began = self.clock.elapsed
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        took = self.clock.elapsed - self.began
+        logs = logs or {}
+        figures = ", ".join(f"{k} {float(logs[k]):.4f}" for k in CURVES if k in logs)
+        self.clock.progress(self.phase, "epoch %d/%d: %s (%.0f s)", epoch + 1, self.epochs, figures, took)
+        if epoch + 1 < self.epochs and self.clock.remaining - took < self.reserve:
+            self.stopped = True
+            self.model.stop_training = True
+            self.clock.progress(
+                self.phase,
+                "stopping: another epoch (~%.0f s) would leave under %.0f s of the time budget for the export",
+                took,
+                self.reserve,
+            )
+
+
 class ClassifierRun:
     """One training run of a classifier on ``splits``, from the first fitting phase to the exported bundle."""
 
@@ -132,8 +162,11 @@ class ClassifierRun:
         train: tuple[np.ndarray, np.ndarray],
         val: tuple[np.ndarray, np.ndarray],
         epochs: int,
+        budget: EpochBudget | None = None,
     ) -> dict[str, list[float]]:
-        """One fitting phase; returns its curves. Ctrl-C restores the best weights seen, then re-raises."""
+        """One fitting phase; returns its curves. Ctrl-C restores the best weights seen, then re-raises.
+        ``budget`` logs each epoch against the run's time budget (instead of Keras' lines) and ends the phase
+        in time; the best weights seen are restored either way."""
         s = self.schedule
         early = keras.callbacks.EarlyStopping(patience=s.patience, restore_best_weights=True)
         history = keras.callbacks.History()
@@ -142,6 +175,8 @@ class ClassifierRun:
             keras.callbacks.ReduceLROnPlateau(factor=s.lr_factor, patience=s.lr_patience, min_lr=s.min_lr),
             history,
         ]
+        if budget is not None:
+            callbacks.append(budget)
         if self.cfg.tensorboard:
             callbacks.append(tensorboard(self.cfg.tensorboard))
         try:
@@ -153,7 +188,7 @@ class ClassifierRun:
                 batch_size=self.cfg.batch_size,
                 callbacks=callbacks,
                 class_weight=self.class_weight,
-                verbose=1 if sys.stdout.isatty() else 2,
+                verbose=0 if budget is not None else 1 if sys.stdout.isatty() else 2,
             )
         except KeyboardInterrupt:
             if early.best_weights is not None:

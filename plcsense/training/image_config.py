@@ -61,7 +61,8 @@ class ImageTrainConfig(ClassifierConfig):
     fine_tune_learning_rate: float = 1e-4
     """Peak learning rate of fine-tuning, reached after a one-epoch warm-up, then cosine decay."""
     time_budget: float = 600.0
-    """Seconds for the whole run, export included, on this machine: the selection plans its trials to fit."""
+    """Seconds for the whole run, export included, on this machine: the selection plans its trials to fit; the
+    scratch CNN stops when another epoch would not leave time for the export."""
     class_weights: bool | None = None  # type: ignore[assignment]
     """Default: chosen by validation for backbones (none, square-root or fully balanced), balanced for scratch."""
     val_split: float | None = None  # type: ignore[assignment]

@@ -46,25 +46,6 @@ STRENGTHS = (0.1, 1.0)
 """Inverse L2 strengths of the logistic regression on standardised features."""
 
 
-class Clock:
-    """The time budget of one training run; every progress line says how much of it is spent and left."""
-
-    def __init__(self, budget: float) -> None:
-        self.budget = budget
-        self.start = time.perf_counter()
-
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    @property
-    def remaining(self) -> float:
-        return self.budget - self.elapsed
-
-    def progress(self, phase: str, message: str, *args: object) -> None:
-        log.info("[%s %4.0fs elapsed, %4.0fs left] " + message, phase, self.elapsed, max(0.0, self.remaining), *args)
-
-
 @dataclass(frozen=True)
 class Folds:
     """Train/validation index pairs over the pool of selection images, and how they were made."""

@@ -3,7 +3,8 @@
 On an ImageNet backbone the run chooses its own settings by validation on the training data, within
 ``time_budget`` seconds (:mod:`plcsense.training.image_select`): input resolution, pooling, class weighting,
 augmentation and fine-tuning depth, then a final refit on training plus validation data with what won. The
-from-scratch CNN trains one fixed recipe. Ctrl-C ends training and exports the best model so far.
+from-scratch CNN trains one fixed recipe within the same budget (no refit: its epochs are chosen by early
+stopping on the validation part). Ctrl-C ends training and exports the best model so far.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from PIL import Image
 
 from plcsense.models.backbones import augmentation, classifier, default_image_size
 from plcsense.models.bundle import Bundle, ImageSpec
-from plcsense.training.classifier import ClassifierRun, Schedule, Splits
+from plcsense.training.classifier import ClassifierRun, EpochBudget, Schedule, Splits
+from plcsense.training.clock import Clock
 from plcsense.training.data import IMAGE_SUFFIXES, ImageSet, class_folders, load_image_folder
 from plcsense.training.export import check_output_dir
 from plcsense.training.image_config import ImageTrainConfig
@@ -77,7 +79,9 @@ def train_images(data_dir: Path, out: Path, cfg: ImageTrainConfig) -> Bundle:
 
 
 def _train_scratch(data_dir: Path, out: Path, cfg: ImageTrainConfig) -> Bundle:
-    """The small CNN from random weights: one recipe, fitted with augmentation and early stopping."""
+    """The small CNN from random weights: one recipe, fitted with augmentation and early stopping, ended early
+    when ``time_budget`` would not allow another epoch and the export."""
+    clock = Clock(cfg.time_budget)
     cfg = replace(
         cfg,
         val_split=0.15 if cfg.val_split is None else cfg.val_split,
@@ -98,6 +102,12 @@ def _train_scratch(data_dir: Path, out: Path, cfg: ImageTrainConfig) -> Bundle:
         aug = augmentation(**vars(cfg.augment), seed=cfg.seed)
         inputs = keras.Input(spec.shape)
         trainer = keras.Model(inputs, net.model(aug(inputs)))
+    clock.progress("data", "%d training, %d validation photos loaded", len(splits.train[1]), len(splits.val[1]))
+    # the export's share: LiteRT conversion, the ood fit over the training photos, scoring; int8 converts twice
+    reserve = 30.0 * (2 if cfg.quantize == "int8" else 1)
+    budget = EpochBudget(clock, "fit", cfg.epochs, reserve)
     with run.interruptible():
-        run.fit(run.compile(trainer, cfg.learning_rate), splits.train, splits.val, cfg.epochs)
-    return run.export(out, net.model, spec, show_misclassified=True)
+        run.fit(run.compile(trainer, cfg.learning_rate), splits.train, splits.val, cfg.epochs, budget)
+    clock.progress("export", "exporting the best epoch's weights")
+    extra = {"stopped_by_time_budget": 1.0} if budget.stopped else None
+    return run.export(out, net.model, spec, show_misclassified=True, extra_metrics=extra)

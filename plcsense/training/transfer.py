@@ -29,6 +29,7 @@ from plcsense.models.backbones import BACKBONES, POOLINGS, build_backbone, class
 from plcsense.models.bundle import Bundle, ImageSpec
 from plcsense.models.inputs import InputError, load_image_file
 from plcsense.training.classifier import ClassifierRun, Schedule, Splits
+from plcsense.training.clock import Clock
 from plcsense.training.data import IMAGE_SUFFIXES, IMAGES, DataError, class_files
 from plcsense.training.image_config import ImageTrainConfig
 from plcsense.training.image_select import (
@@ -36,7 +37,6 @@ from plcsense.training.image_select import (
     FLIPS,
     STRENGTHS,
     WEIGHTINGS,
-    Clock,
     FineTuner,
     Folds,
     Probe,
