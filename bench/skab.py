@@ -5,6 +5,7 @@
         --anomaly-free-pieces 8 --tune-pieces 0-3
     .venv/bin/python bench/skab.py ../shared/data/skab --via-mqtt [--url mqtt://host:1883]
     .venv/bin/python bench/skab.py ../shared/data/skab --baselines      # the published detectors, recomputed
+    .venv/bin/python bench/skab.py ../shared/data/skab --shifts         # sustained shifts of faults and pieces
 
 Protocol (Katser & Kozitsin, SKAB): every CSV file on its own; its first 400 rows are the training part (normal
 operation) and the rest the test part; the detector is chosen, fitted and its threshold set on the training part
@@ -484,6 +485,33 @@ def score_baselines(data_dir: Path, files: list[LabelledFile], train_rows: int =
     return out
 
 
+# ----------------------------------------------------------------------------- what the data holds
+def sustained_shifts(f: LabelledFile, train_rows: int = 400, span: int = 50) -> dict[str, float]:
+    """Per channel, the ``span``-row mean of the test part farthest from the training part's mean, in the
+    training part's standard deviations; a labelled file's rows are those labelled anomalous."""
+    train = f.values[:train_rows]
+    z = (f.values[train_rows:] - train.mean(axis=0)) / np.where(train.std(axis=0) > 0, train.std(axis=0), 1.0)
+    if f.labels.any():
+        z = z[f.labels[train_rows:]]
+    if len(z) < span:
+        return {}
+    cumulative = np.concatenate([np.zeros((1, z.shape[1])), np.cumsum(z, axis=0)])
+    means = (cumulative[span:] - cumulative[:-span]) / span
+    extreme = means[np.abs(means).argmax(axis=0), np.arange(z.shape[1])]
+    return {c: round(float(v), 1) for c, v in zip(f.columns, extreme, strict=True)}
+
+
+def shift_table(files: list[LabelledFile], pieces: list[LabelledFile], train_rows: int) -> dict[str, object]:
+    """Why an anomaly-free piece can look like a fault: the sustained shifts of the labelled faults beside the
+    pieces' own (``--shifts``)."""
+    faults = {f.key: sustained_shifts(f, train_rows) for f in files}
+    return {
+        "span_rows": 50,
+        "labelled_faults": faults,
+        "anomaly_free_pieces": {p.key: sustained_shifts(p, train_rows) for p in pieces},
+    }
+
+
 def settings_dict(settings: object) -> dict:
     return {k: v for k, v in asdict(settings).items() if k not in ("ridge", "drift_lag")}  # type: ignore[call-overload]
 
@@ -542,6 +570,9 @@ def main() -> None:
     parser.add_argument("--url", help="MQTT broker for --via-mqtt (default: a private Mosquitto on a free port)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per file for --via-mqtt")
     parser.add_argument("--baselines", action="store_true", help="only recompute baseline_predictions/ scores")
+    parser.add_argument(
+        "--shifts", action="store_true", help="only print each file's largest sustained shift per channel (in sd)"
+    )
     args = parser.parse_args()
     if bool(args.tune_on) != bool(args.report_on):
         parser.error("--tune-on and --report-on go together")
@@ -554,6 +585,10 @@ def main() -> None:
         parser.error(f"no CSV files with {LABEL!r} and {CHANGEPOINT!r} columns in the sub-folders of {args.data_dir}")
     if args.baselines:
         print(json.dumps(score_baselines(args.data_dir, files, args.train_rows), indent=1))
+        return
+    if args.shifts:
+        pieces = load_anomaly_free_pieces(args.data_dir, args.anomaly_free_pieces or 8)
+        print(json.dumps(shift_table(files, pieces, args.train_rows), indent=1))
         return
     import_tensorflow_quietly()
     with tempfile.TemporaryDirectory(prefix="skab-") as tmp:
