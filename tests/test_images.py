@@ -210,6 +210,28 @@ def test_transfer_learning_selects_by_validation_within_budget(parts, tmp_path):
     assert label in m.labels and 0 <= float(score) <= 1
 
 
+def test_every_resolution_chooses_its_own_probe_settings(tmp_path):
+    """Photos far from the backbone's size: both resolutions try every L2 strength, pooling and (imbalanced
+    classes) weighting, so a weighting chosen on the losing resolution's features is not forced on the winner."""
+    from plcsense.training.image_select import STRENGTHS, WEIGHTINGS
+
+    root = tmp_path / "photos"
+    for name, n in (("bright", 30), ("dark", 12), ("striped", 6)):
+        write_image_folder(root / "_all", per_class=n, seed=n)
+        (root / "_all" / name).rename(root / name)
+        shutil.rmtree(root / "_all")
+    cfg = ImageTrainConfig(arch="mobilenet_v2", weights=None, fine_tune_layers=0, augment=None, time_budget=240)
+    train_images(root, tmp_path / "b", cfg)
+    trials = json.loads((tmp_path / "b" / "report" / "selection.json").read_text())["trials"]
+    sides = sorted({t["resolution"] for t in trials})
+    assert sides == [32, 224]  # 24 px photos: the smallest side MobileNetV2 takes, and its own
+    for side in sides:
+        here = [t for t in trials if t["stage"] == "frozen" and t["resolution"] == side]
+        assert {t["strength"] for t in here} == set(STRENGTHS), side
+        assert {t["pooling"] for t in here} == {"avg", "avgmax"}, side
+        assert {t["weighting"] for t in here} == set(WEIGHTINGS), side
+
+
 def test_interrupted_selection_exports_the_best_model_so_far(parts, tmp_path, monkeypatch):
     """Ctrl-C in fine-tuning: the frozen probe chosen so far is exported, marked interrupted."""
     from plcsense.training import image_select

@@ -264,16 +264,17 @@ class BackboneRun:
             pooled, acts = self.tap.run(pixels)
             clock.progress("frozen", "%d px features (%.0f photos/s at 224 px)", side, self.tap.rate)
             # one setting at a time (L2 strength, then pooling, then weighting), the others at their best so far;
-            # a further resolution tries the best settings of the first
-            base = dict(self.selection.best.settings) if i else {"pooling": "avg", "weighting": weightings[0]}
-            plan = (
-                [("strength", STRENGTHS), ("pooling", POOLINGS), ("weighting", weightings)]
-                if not i
-                else [("strength", ())]
+            # each resolution goes through all of them (probes cost seconds): a weighting chosen on the features of
+            # a resolution that then loses by ten points is no choice for the one that wins
+            base = (
+                {k: v for k, v in self.selection.best.settings.items() if k != "resolution"}
+                if i
+                else {"pooling": "avg", "weighting": weightings[0]}
             )
+            plan = [("strength", STRENGTHS), ("pooling", POOLINGS), ("weighting", weightings)]
             tried: set[tuple] = set()
             for name, values in plan:
-                for value in values or [base["strength"]]:
+                for value in values:
                     settings = dict(base, resolution=side, **{name: value})
                     if tuple(settings.items()) in tried or (tried and clock.remaining < self._export_seconds() + 60):
                         continue
