@@ -210,6 +210,16 @@ def test_transfer_learning_selects_by_validation_within_budget(parts, tmp_path):
     assert label in m.labels and 0 <= float(score) <= 1
 
 
+def test_resolutions_tried_keep_the_detail_of_larger_photos():
+    from plcsense.training.transfer import resolutions
+
+    assert resolutions("mobilenet_v2", 300, None) == [224, 288]  # a fine crack is not shrunk without a try
+    assert resolutions("mobilenet_v2", 1000, None) == [224, 448]  # at most twice the native size
+    assert resolutions("mobilenet_v2", 200, None) == [224]  # NEU: close enough, smaller
+    assert resolutions("mobilenet_v2", 64, None) == [64, 224]  # small photos: as they are, and upscaled
+    assert resolutions("mobilenet_v2", 300, 160) == [160]  # --image-size pins it
+
+
 def test_every_resolution_chooses_its_own_probe_settings(tmp_path):
     """Photos far from the backbone's size: both resolutions try every L2 strength, pooling and (imbalanced
     classes) weighting, so a weighting chosen on the losing resolution's features is not forced on the winner."""
