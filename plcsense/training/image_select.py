@@ -14,7 +14,6 @@ unfrozen, which is what made fine-tuning collapse before.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -31,8 +30,6 @@ from sklearn.preprocessing import StandardScaler
 from plcsense.models.backbones import preprocessed, top_part, unfreeze_above
 from plcsense.quiet import LITERT_STARTUP, without_lines
 from plcsense.training.export import to_tflite
-
-log = logging.getLogger("plcsense.training")
 
 FLIPS = ((False, False), (True, False), (False, True), (True, True))
 """Copies of each photo for augmentation: as is, mirrored left-right, top-bottom, both. Exact (no resampling

@@ -254,6 +254,11 @@ class BackboneRun:
         counts = np.bincount(self.pool.labels, minlength=self.n_classes)
         if counts.max() <= 1.2 * counts.min():  # (nearly) balanced classes: every weighting is the same probe
             weightings = weightings[:1]
+        # one setting at a time (L2 strength, then pooling, then weighting), the others at their best so far;
+        # each resolution goes through all of them (probes cost seconds), starting from the best settings so far: a
+        # weighting chosen on the features of a resolution that then loses by ten points is no choice for the winner
+        plan = [("strength", STRENGTHS), ("pooling", POOLINGS), ("weighting", weightings)]
+        base: dict[str, object] = {"pooling": "avg", "weighting": weightings[0]}
         for i, side in enumerate(sides):
             if i:
                 cost = self._extract_seconds(side) * 1.5
@@ -268,15 +273,6 @@ class BackboneRun:
                 clock.progress("data", "validation: %s", folds.describe)
             pooled, acts = self.tap.run(pixels)
             clock.progress("frozen", "%d px features (%.0f photos/s at 224 px)", side, self.tap.rate)
-            # one setting at a time (L2 strength, then pooling, then weighting), the others at their best so far;
-            # each resolution goes through all of them (probes cost seconds): a weighting chosen on the features of
-            # a resolution that then loses by ten points is no choice for the one that wins
-            base = (
-                {k: v for k, v in self.selection.best.settings.items() if k != "resolution"}
-                if i
-                else {"pooling": "avg", "weighting": weightings[0]}
-            )
-            plan = [("strength", STRENGTHS), ("pooling", POOLINGS), ("weighting", weightings)]
             tried: set[tuple] = set()
             for name, values in plan:
                 for value in values:
