@@ -202,6 +202,7 @@ def test_cli_train_classify_and_evaluate_json(tmp_path):
 def test_ctrl_c_ends_training_and_exports_the_best_model_so_far(tmp_path):
     """A real SIGINT a few seconds into an endless fit: the shared classifier run exports what it has."""
     import logging
+    import os
     import signal
     import threading
 
@@ -212,11 +213,17 @@ def test_ctrl_c_ends_training_and_exports_the_best_model_so_far(tmp_path):
 
     stopped = threading.Event()
 
+    seen: list[str] = []
+
     def press() -> None:
-        # again every 3 s until the run says it stopped fitting: a SIGINT that lands while TensorFlow runs a step
-        # in C++ can be lost (seen once: the endless fit then never ended)
+        # As a terminal does: a process-directed SIGINT (os.kill), which the kernel hands to any thread that does
+        # not block it. signal.raise_signal() aims at the calling thread only, and a timer thread can inherit a
+        # mask that blocks SIGINT; two full-suite runs lost every such press. Again every 3 s until the run says it
+        # stopped fitting, in case one lands where Python cannot raise it (a finaliser swallows it).
         if not stopped.is_set():
-            signal.raise_signal(signal.SIGINT)
+            blocked = sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+            seen.append(f"handler {signal.getsignal(signal.SIGINT)}, timer thread blocks {blocked}")
+            os.kill(os.getpid(), signal.SIGINT)
             timers.append(threading.Timer(3.0, press))
             timers[-1].start()
 
@@ -250,7 +257,7 @@ def test_ctrl_c_ends_training_and_exports_the_best_model_so_far(tmp_path):
     assert timers, "the run never logged its splits"
     m = load_bundle(bundle.path).manifest
     if "interrupted" not in m.metrics:
-        pytest.skip("the SIGINT did not reach the fit in this process (seen only in the full suite; not yet found)")
+        pytest.skip(f"{len(seen)} SIGINTs did not reach the fit in this process ({seen[:1]}); not yet explained")
     assert m.metrics["interrupted"] == 1.0 and 0 <= m.metrics["test_accuracy"] <= 1
     assert m.labels == ["leak", "normal", "stuck"]
     assert (bundle.path / "report" / "confusion_matrix.json").is_file()
