@@ -139,7 +139,7 @@ def export_bundle(
         candidate = staging / f"model.{q.mode}.tflite"
         candidate.write_bytes(to_tflite(model, q))
         quantised = LiteRTModel(candidate)
-        agreement = _top1_agreement(manifest, lite, quantised, golden_inputs.astype(np.float32))
+        agreement = _top1_agreement(manifest, lite, quantised, golden_inputs)  # cast batch by batch
         manifest.variants[q.mode] = {**score(quantised), "top1_agreement": agreement}
         if agreement < q.min_agreement:
             shutil.rmtree(staging, ignore_errors=True)

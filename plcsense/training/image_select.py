@@ -209,6 +209,7 @@ def probe_trial(
     num_classes: int,
     settings: dict,
     copies: int = 1,
+    stage: str = "frozen",
 ) -> Trial:
     """Fit a probe per fold on copies 0..copies-1 of the training images, score it on the validation images as is."""
     started = time.perf_counter()
@@ -220,9 +221,7 @@ def probe_trial(
         a, b = scores(probe.probabilities(pooled(0)[val]), labels[val])
         accuracy.append(a)
         loss.append(b)
-    return Trial(
-        "frozen", dict(settings), float(np.mean(accuracy)), float(np.mean(loss)), time.perf_counter() - started
-    )
+    return Trial(stage, dict(settings), float(np.mean(accuracy)), float(np.mean(loss)), time.perf_counter() - started)
 
 
 @dataclass

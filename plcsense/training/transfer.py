@@ -312,7 +312,7 @@ class BackboneRun:
         settings = dict(self.settings, augment="flips")
         trial = probe_trial(
             lambda c: pooled_view(self.pooled[c], str(settings["pooling"])),
-            self.pool.labels, selection.folds, self.n_classes, settings, copies=len(FLIPS),
+            self.pool.labels, selection.folds, self.n_classes, settings, copies=len(FLIPS), stage="augment",
         )  # fmt: skip
         selection.add(trial)
         if trial.key() >= before.key():
@@ -505,21 +505,21 @@ class BackboneRun:
     # ------------------------------------------------------------------------------------------------ export
     def _export(self, out: Path, interrupted: bool) -> Bundle:
         side, pooling, backbone_weights, head_weights = self.ready
+        self.pooled, self.acts = [], []  # the selection's caches (every flipped copy's activations) are done with
         self.backbone.set_weights(backbone_weights)
         net = classifier(self.cfg.arch, (side, side, 3), self.n_classes, pooling=pooling, backbone=self.backbone)
         net.head.set_weights(head_weights)
         spec = ImageSpec(height=side, width=side, channels=3, color_mode="rgb")
         pixels = self.pixels if side == self.side else load_pixels(self.pool, side)[0]
         val_index = self.selection.folds.pairs[0][1]
-        test = (np.zeros((0, side, side, 3), np.float32), np.zeros(0, int))
+        # uint8 throughout: the export casts batch by batch (float32 copies of a few thousand photos of 288 px
+        # would take gigabytes)
+        test = (np.zeros((0, side, side, 3), np.uint8), np.zeros(0, int))
         if self.test is not None:
             test_pixels, tested = load_pixels(self.test, side)
-            test = (test_pixels.astype(np.float32), tested.labels)
+            test = (test_pixels, tested.labels)
         splits = Splits(
-            self.classes,
-            (pixels, self.pool.labels),
-            (pixels[val_index].astype(np.float32), self.pool.labels[val_index]),
-            test,
+            self.classes, (pixels, self.pool.labels), (pixels[val_index], self.pool.labels[val_index]), test
         )
         cfg = self.cfg
         run = ClassifierRun(
