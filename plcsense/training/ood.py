@@ -182,17 +182,20 @@ def with_ood(
     features = penultimate(model)
     extract = keras.Model(model.inputs, features)
 
-    def unit(x: np.ndarray) -> np.ndarray:
+    def unit(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
         # batch by batch, each cast to float32 on its own: Keras' predict() casts the whole array first (1.8 GB
         # for 1,800 uint8 photos of 288 px, the export's peak) and was slower too
         values = [
-            extract.predict_on_batch(x[i : i + batch_size].astype(np.float32)) for i in range(0, len(x), batch_size)
+            extract.predict_on_batch(x[rows[i : i + batch_size]].astype(np.float32))
+            for i in range(0, len(rows), batch_size)
         ]
-        return unit_length(np.concatenate(values).reshape(len(x), -1))
+        return unit_length(np.concatenate(values).reshape(len(rows), -1))
 
-    own = _rows_not_in(train[0], val)
-    fitted = fit_mahalanobis(unit(train[0][own]), train[1][own], classes)
-    distances = mahalanobis(unit(val), fitted)
+    own = np.flatnonzero(_rows_not_in(train[0], val))
+    if not len(own) or not len(val):
+        raise ValueError("the out-of-distribution score needs validation inputs and training inputs not among them")
+    fitted = fit_mahalanobis(unit(train[0], own), train[1][own], classes)
+    distances = mahalanobis(unit(val, np.arange(len(val))), fitted)
     fitted["scale"] = np.asarray(max(float(np.quantile(distances, VALIDATION_QUANTILE)) / math.log(2), _EPS))
     dims, components = fitted["basis"].shape
     score = MahalanobisScore(classes, dims, components, name="ood_score")
