@@ -210,7 +210,7 @@ def test_ctrl_c_ends_training_and_exports_the_best_model_so_far(tmp_path, monkey
 
     data = write_folder(tmp_path / "cycles", CLASSES, seed=0)
     timers: list[threading.Timer] = []
-    fitting, done = threading.Event(), threading.Event()
+    done = threading.Event()  # the fit has ended: no more presses
     seen: list[str] = []
 
     def press() -> None:
@@ -220,24 +220,21 @@ def test_ctrl_c_ends_training_and_exports_the_best_model_so_far(tmp_path, monkey
         # again every 3 s until the fit has ended, in case one lands where Python cannot raise it.
         if done.is_set():
             return
-        if fitting.is_set():
-            blocked = sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []))
-            seen.append(f"handler {signal.getsignal(signal.SIGINT)}, timer thread blocks {blocked}")
-            os.kill(os.getpid(), signal.SIGINT)
+        blocked = sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        seen.append(f"handler {signal.getsignal(signal.SIGINT)}, timer thread blocks {blocked}")
+        os.kill(os.getpid(), signal.SIGINT)
         timers.append(threading.Timer(3.0, press))
         timers[-1].start()
 
     fit = ClassifierRun.fit
 
     def fit_and_press(self, *args, **kwargs):
-        fitting.set()
         timers.append(threading.Timer(3.0, press))
         timers[-1].start()
         try:
             return fit(self, *args, **kwargs)
         finally:
             done.set()
-            fitting.clear()
 
     monkeypatch.setattr(ClassifierRun, "fit", fit_and_press)
     # early stopping cannot end this fit before Ctrl-C does (patience = epochs); 3,000 epochs bound it if no
