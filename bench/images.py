@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/images.py [--arch mobilenet_v2] [--weights ../shared/weights/...h5] [--quantize int8]
     .venv/bin/python bench/images.py --variant grey64 --probe     # a harder variant (bench/neu_variants.py)
+    .venv/bin/python bench/images.py --variant grey64 --probe --draw 1   # the same recipe, other photos
 
 Prints one JSON line: test accuracy of the exported (LiteRT) model on the test folder (with ``--quantize``, also
 that of the float32 model of the same training and the two models' top-1 agreement there), training time, the Keras
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from neu_variants import DEV, HELD_BACK, write_variant
+from neu_variants import DEV, HELD_BACK, redrawn, write_variant
 from sklearn.model_selection import train_test_split
 
 from plcsense.models.bundle import Bundle, load_bundle, split_outputs
@@ -116,6 +117,9 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=600.0)
     parser.add_argument("--variant", choices=sorted({**DEV, **HELD_BACK}), help="a harder NEU variant instead of NEU")
     parser.add_argument("--probe", action="store_true", help="also score the linear-probe baseline")
+    parser.add_argument(
+        "--draw", type=int, default=0, help="with --variant: another random draw of its photos (0: the variant's own)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the selection's progress lines
     begun = time.perf_counter()
@@ -123,7 +127,8 @@ def main() -> None:
 
     if args.variant:
         variant = {**DEV, **HELD_BACK}[args.variant]
-        split = write_variant(variant, args.workdir / "variants" / args.variant)
+        name = args.variant + (f"-draw{args.draw}" if args.draw else "")
+        split = write_variant(redrawn(variant, args.draw), args.workdir / "variants" / name)
     else:
         split = args.workdir / "split"
         split_folder(args.data, split)
@@ -155,6 +160,7 @@ def main() -> None:
         json.dumps(
             {
                 "data": args.variant or "neu",
+                "draw": args.draw if args.variant else None,
                 "majority_rate": max(labels.count(c) for c in set(labels)) / len(labels),
                 "probe_accuracy": linear_probe(split / "train", split / "test", args.weights) if args.probe else None,
                 "chosen": json.loads(selection.read_text())["chosen"] if selection.is_file() else None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,12 @@ HELD_BACK: dict[str, Variant] = {
         5,
     ),
 }
+
+
+def redrawn(variant: Variant, draw: int) -> Variant:
+    """The same recipe (classes, counts, size) drawn with another seed: fresh photos of the same difficulty, for
+    measuring how much a figure moves with the draw rather than with the code."""
+    return variant if draw == 0 else replace(variant, seed=variant.seed + 1000 * draw)
 
 
 def majority_rate(variant: Variant) -> float:

@@ -22,7 +22,7 @@ import numpy as np
 from plcsense.models.bundle import Bundle, InputSpec, OodSpec, Quantize, new_manifest, split_outputs
 from plcsense.models.runtime import LiteRTModel, predict_all
 from plcsense.training.backend import tensorboard
-from plcsense.training.clock import Clock
+from plcsense.training.clock import Clock, epoch_figures
 from plcsense.training.data import DataError
 from plcsense.training.evaluate import classification_scores
 from plcsense.training.export import Quantization, export_bundle
@@ -103,7 +103,7 @@ class EpochBudget(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         took = self.clock.elapsed - self.began
         logs = logs or {}
-        figures = ", ".join(f"{k} {float(logs[k]):.4f}" for k in CURVES if k in logs)
+        figures = epoch_figures({k: logs[k] for k in CURVES if k in logs})
         self.clock.progress(self.phase, "epoch %d/%d: %s (%.0f s)", epoch + 1, self.epochs, figures, took)
         if epoch + 1 < self.epochs and self.clock.remaining - took < self.reserve:
             self.stopped = True

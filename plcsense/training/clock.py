@@ -8,6 +8,11 @@ import time
 log = logging.getLogger("plcsense.training")
 
 
+def epoch_figures(figures: dict[str, float]) -> str:
+    """One epoch's figures for a progress line: ``loss 0.1234, accuracy 0.9876, ...`` in the order given."""
+    return ", ".join(f"{name} {float(value):.4f}" for name, value in figures.items())
+
+
 class Clock:
     """The time budget of one training run; every progress line says how much of it is spent and left."""
 

@@ -29,7 +29,7 @@ from plcsense.models.backbones import BACKBONES, POOLINGS, build_backbone, class
 from plcsense.models.bundle import Bundle, ImageSpec
 from plcsense.models.inputs import InputError, load_image_file
 from plcsense.training.classifier import ClassifierRun, Schedule, Splits
-from plcsense.training.clock import Clock
+from plcsense.training.clock import Clock, epoch_figures
 from plcsense.training.data import IMAGE_SUFFIXES, IMAGES, DataError, class_files
 from plcsense.training.image_config import ImageTrainConfig
 from plcsense.training.image_select import (
@@ -367,7 +367,7 @@ class BackboneRun:
                 timer["start"] = clock.elapsed
                 clock.progress(
                     "fine-tune", "%s, fold %d/%d, epoch %d: %s", name, k + 1, len(selection.folds.pairs), epoch,
-                    ", ".join(f"{key} {value:.4f}" for key, value in figures.items()),
+                    epoch_figures(figures),
                 )  # fmt: skip
 
             result = tuner.fit(
