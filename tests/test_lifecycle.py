@@ -313,3 +313,24 @@ def test_version_folder_must_match_the_manifest_and_a_trial_can_end(tmp_path, ve
     pipeline.reload()
     assert r.candidate is None and r.serving.version == "1", "an ended trial does not come back on the next poll"
     pipeline.close()
+
+
+def test_a_refused_rollback_says_so_and_a_new_copy_of_a_refused_version_is_tried_again(tmp_path, versions):
+    repo = tmp_path / "repo" / "pump"
+    repo.mkdir(parents=True)
+    publish_version(repo, versions["1"], "1")
+    (repo / "1" / "golden.npz").write_bytes(b"half a copy")  # v1 on disk is broken
+    publish_version(repo, versions["2"], "2")
+    pipeline = Pipeline(Settings(routes=[route(repo)], models={"poll_s": 0}), Metrics(), lambda i, a: None)
+    pipeline.load_models()
+    r = pipeline.routes[0]
+    try:
+        assert r.serving.version == "2"
+        with pytest.raises(ValueError, match="version 1 was refused"):
+            pipeline.rollback("pump")
+        assert r.serving.version == "2" and r.policy == "latest", "a refused rollback changes nothing"
+        shutil.rmtree(repo / "1")  # the operator copies v1 again, this time whole (same manifest as before)
+        publish_version(repo, versions["1"], "1")
+        assert pipeline.rollback("pump") == "1" and r.serving.version == "1"
+    finally:
+        pipeline.close()

@@ -19,6 +19,7 @@ from plcsense.models.bundle import bundle_digest
 from plcsense.worker.metrics import Metrics
 from plcsense.worker.pipeline import NOTHING_OWED, Answer, Inbound, Pipeline
 from plcsense.worker.settings import Settings
+from plcsense.worker.transport import Delivery
 from tests.conftest import WINDOW, Collector, mqtt_client, publish_all
 from tests.test_worker import readings, sensor_route, settled
 
@@ -74,6 +75,26 @@ def test_pipeline_outcomes_without_a_broker(sensor_bundle):
         assert json.loads(bad.body)["error"] == "invalid_json"
         assert pipeline.route_for("plant/d1/pump/result") is None  # our own answer, not an input
         assert pipeline.route_for("plcsense/other/status") is None
+    finally:
+        pipeline.close()
+
+
+def test_a_model_output_that_overflows_is_an_error_not_a_normal_result(sensor_bundle):
+    """Readings near float32's limit pass the input checks but overflow the model; its NaN or infinite score must
+    not come out as "is_anomaly": false (NaN > threshold is False) or crash the batch."""
+    pipeline, answers = pipeline_for(sensor_route(sensor_bundle, full_windows=True))
+    try:
+        huge = np.full((WINDOW, 3), 3.0e38, np.float32)
+        huge[::2] *= -1
+        good = {"id": "good", "data": readings(WINDOW)}
+        for payload in ({"id": "huge", "data": huge.tolist()}, good):
+            assert pipeline.handle(inbound(pipeline, "plant/d1/pump", json.dumps(payload).encode())) is None
+        overflowed, fine = answers.wait(2)
+        assert overflowed["id"] == "huge" and overflowed["error"] == "inference_failed"
+        assert "not finite" in overflowed["detail"]
+        assert fine["id"] == "good" and fine["score"] >= 0 and "error" not in fine
+        errors = {"route": "pump", "reason": "inference_failed"}
+        assert pipeline.metrics.registry.get_sample_value("plcsense_errors_total", errors) == 1
     finally:
         pipeline.close()
 
@@ -223,3 +244,52 @@ def test_shared_group_members_stopped_and_scaled_away_lose_nothing(broker, senso
     assert not out.json("/error")
     assert [w.proc.wait(30) for w in workers[:2]] == [0, 0]
     client.disconnect()
+
+
+def test_control_replies_and_lost_qos0_answers_leave_no_bookkeeping_behind(broker, sensor_bundle, collectors):
+    """A control reply answers no input: its PUBACK must not stay behind as an "early" one (once packet ids wrap
+    it would acknowledge another input before that input's answer was with the broker). And QoS 0 answers that
+    paho drops at a reconnect (no on_publish follows) must give their flow-control room back."""
+    from plcsense.worker.service import Worker
+
+    settings = Settings(
+        mqtt={**broker.mqtt_settings(), "client_id": "books"},
+        routes=[sensor_route(sensor_bundle, qos=0, full_windows=True)],
+        metrics={"port": 0},
+    )
+    worker = Worker(settings)
+    worker.start()
+    transport = worker.transport
+    try:
+        replies = Collector(broker, "plcsense/books/control/reply")
+        collectors.append(replies)
+        assert _until(lambda: transport.ready()[0])
+        client = mqtt_client(broker)
+        client.publish("plcsense/books/control", json.dumps({"command": "reload"}), qos=1).wait_for_publish(5)
+        assert replies.wait_for(1)[0]["ok"]
+        assert _until(lambda: not transport._unowed and not transport._early_acks), (
+            transport._unowed,
+            transport._early_acks,
+        )
+
+        # a QoS 0 answer paho still held when the answers connection went: a real disconnect, a queued answer
+        with transport._lock:
+            transport._unacked += 1  # taken (settle() would count it answered once it had published)
+        route = worker.pipeline.routes[0]
+        queued = Inbound("plant/d1/pump", b"{}", delivery=Delivery(1, 0, 1, "pump"), route=route)
+        transport._track(60_000, queued, 0)
+        broker.restart()
+        assert _until(lambda: transport._unacked == 0 and not transport._pending, timeout=20)
+        dropped = {"route": "pump", "reason": "connection_lost"}
+        assert worker.metrics.registry.get_sample_value("plcsense_answers_dropped_total", dropped) == 1
+    finally:
+        worker.stop(timeout=5)
+
+
+def _until(condition, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from plcsense.models.inputs import InputError
-from plcsense.worker.windows import WindowStore, reading_time
+from plcsense.worker.windows import CLOCK_RESET_S, WindowStore, reading_time
 from tests.conftest import WINDOW, Collector, publish_all
 from tests.test_worker import readings, sensor_route
 
@@ -43,6 +43,26 @@ def test_late_and_duplicate_readings_do_not_corrupt_the_window():
         store.push("a", r(99), 2.5)
     assert late.value.code == "late_reading"
     assert store.push("a", r(4), 4).window[:, 0].tolist() == [2, 3, 4]
+
+
+def test_a_clock_that_went_back_restarts_the_window_instead_of_refusing_every_later_reading():
+    """One reading stamped far in the future (a PLC clock glitch, milliseconds sent as seconds) must not make
+    every later, correctly stamped reading 'late'."""
+    store = WindowStore(2, 2)
+    store.push("a", r(1), 1000)
+    store.push("a", r(2), 1001)
+    store.push("a", r(3), 1_000_000)  # the glitch
+    with pytest.raises(InputError) as late:  # a late delivery, within CLOCK_RESET_S: still refused
+        store.push("a", r(9), 1_000_000 - CLOCK_RESET_S)
+    assert late.value.code == "late_reading"
+    pushed = store.push("a", r(4), 1002)  # the clock is right again
+    assert pushed.clock_back_s == 1_000_000 - 1002 and pushed.window is None  # restarted from this reading
+    assert store.push("a", r(5), 1003).window[:, 0].tolist() == [4, 5]
+    gapped = WindowStore(2, 2, max_gap_s=3600)  # a longer max_gap_s widens what still counts as late
+    gapped.push("a", r(1), 10_000)
+    with pytest.raises(InputError):
+        gapped.push("a", r(2), 10_000 - 3000)
+    assert gapped.push("a", r(3), 10_000 - 4000).clock_back_s == 4000
 
 
 def test_gap_restarts_the_window():

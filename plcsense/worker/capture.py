@@ -95,6 +95,10 @@ class Capture:
         self._files += 1
         self._bytes += len(data)
 
+    def failed(self) -> None:
+        """Count a capture that could not be offered (an unexpected error) as dropped."""
+        self._outcomes["dropped"].inc()
+
     def _write(self) -> None:
         while True:
             folder, name, data, doc = self._queue.get()

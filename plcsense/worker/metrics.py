@@ -64,7 +64,7 @@ class Metrics:
         )
         self.answers_dropped = Counter(
             "plcsense_answers_dropped",
-            "Answers that could not be delivered (refused by the broker, unusable response topic)",
+            "Answers that could not be delivered (refused by the broker, unusable response topic, lost QoS 0)",
             ["route", "reason"],
             registry=r,
         )
@@ -164,7 +164,7 @@ CONNECT_FAILURES = (
     "rejected",
     "other",
 )
-DROP_REASONS = ("bad_topic", "not_queued", "refused")
+DROP_REASONS = ("bad_topic", "not_queued", "refused", "connection_lost")
 
 
 def route_metrics(metrics: Metrics, route: str) -> RouteMetrics:

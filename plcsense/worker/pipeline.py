@@ -38,6 +38,10 @@ from plcsense.worker.windows import WindowStore, reading_time
 log = logging.getLogger("plcsense.worker")
 
 TOP_K = 5
+NOT_FINITE = (
+    "the model's output is not finite (NaN or infinite) for this input: values far outside what it was trained on "
+    "overflow it; check the sensor or camera for a fault value"
+)
 
 
 @dataclass(slots=True)
@@ -113,7 +117,8 @@ class Route:
     candidate_policy: str | None = None
     """The candidate's version policy: the setting's, until a promote or rollback ends the trial."""
     load_error: str | None = None
-    refused: set[Path] = field(default_factory=set)
+    refused: set[tuple[Path, tuple]] = field(default_factory=set)
+    """(folder, files stamp) of versions that failed a check: not loaded again until a file in it changes."""
     """Version directories that failed a check: not retried (and not logged again) on every poll."""
     batcher: MicroBatcher[Inbound] | None = field(default=None, repr=False)
     decode_pool: ThreadPoolExecutor | None = field(default=None, repr=False)
@@ -160,6 +165,16 @@ def _template_regex(template: str, route: str) -> re.Pattern[str]:
         else:
             pattern += re.escape(route) if part == "{route}" else re.escape(part)
     return re.compile(pattern + r"\Z")
+
+
+def _files_stamp(path: Path) -> tuple:
+    """Name, size, inode and modification time of every file in a bundle folder: what a new copy changes (even a
+    copy of the same manifest over a half-copied one), read without opening a file."""
+    try:
+        stats = [(str(p.relative_to(path)), p.stat()) for p in path.rglob("*") if p.is_file()]
+    except OSError:  # being replaced right now: the next reload looks again
+        return ()
+    return tuple(sorted((name, st.st_size, st.st_ino, st.st_mtime_ns) for name, st in stats))
 
 
 def _same_input(a: Bundle, b: Bundle) -> bool:
@@ -227,9 +242,14 @@ class Pipeline:
         if older is None:
             raise ValueError(f"route {name}: no version before {current} in {route.settings.model}")
         with self._reload_lock:
-            route.policy = older
-            route.candidate = route.candidate_policy = None
+            policy, route.policy = route.policy, older
             self._refresh(route)
+            if route.serving is None or route.serving.version != older:  # refused: nothing changed
+                route.policy = policy
+                raise ValueError(
+                    f"route {name}: version {older} was refused (the worker's log says why); still serving {current}"
+                )
+            route.candidate = route.candidate_policy = None
         log.warning("route %s: rolled back from %s to %s", name, current, older)
         return older
 
@@ -263,11 +283,16 @@ class Pipeline:
         r, what = route.settings, "candidate" if candidate else "model"
         try:
             path = repository.resolve(r.model, policy)
-        except BundleError as exc:
+        except (BundleError, OSError) as exc:  # OSError: the repository cannot be listed (a lost network mount)
             return self._refused(route, current, str(exc), what)
-        if current is not None and current.bundle.path == path and current.bundle.digest == bundle_digest(path):
+        try:
+            digest = bundle_digest(path)
+        except BundleError as exc:  # half-copied or unreadable: the next reload looks again
+            return self._refused(route, current, str(exc), what)
+        if current is not None and current.bundle.path == path and current.bundle.digest == digest:
             return current
-        if path in route.refused:
+        stamp = _files_stamp(path)
+        if (path, stamp) in route.refused:  # the same files fail the same checks; a new copy is tried again
             return current
         base = route.serving if candidate else current
         try:
@@ -279,7 +304,7 @@ class Pipeline:
             if candidate and base is not None and not _same_input(base.bundle, bundle):
                 raise BundleError(f"candidate {path} takes another input than the serving model")
         except BundleError as exc:
-            route.refused.add(path)
+            route.refused.add((path, stamp))
             self.metrics.model_loads.labels(route.name, "refused").inc()
             return self._refused(route, current, str(exc), what)
         self.metrics.model_loads.labels(route.name, "loaded").inc()
@@ -457,6 +482,12 @@ class Pipeline:
                     ErrorCode.WINDOW_RESET,
                     f"model v{serving.version} takes another input than the version before; the window restarts",
                 )
+            if pushed.clock_back_s is not None:
+                raise InputError(
+                    ErrorCode.WINDOW_RESET,
+                    f"this reading's time is {pushed.clock_back_s:.1f} s before the last one of {device}: its clock "
+                    "went back (or the last time was wrong); the window restarts with this reading",
+                )
             if pushed.gap_s is not None:
                 raise InputError(
                     ErrorCode.WINDOW_RESET,
@@ -473,11 +504,19 @@ class Pipeline:
     def _run_batch(self, batch: Sequence[Inbound]) -> None:
         """Run the decoded inputs of ``batch`` in one invoke; answer all of them in arrival order."""
         answers: list[Answer | None] = [i.decoding.result() if i.decoding else None for i in batch]
-        ready = [k for k, answer in enumerate(answers) if answer is None]
-        for serving in dict.fromkeys(batch[k].serving for k in ready):  # versions in arrival order
-            group = [k for k in ready if batch[k].serving is serving]
-            for k, answer in zip(group, self._infer([batch[k] for k in group]), strict=True):
-                answers[k] = answer
+        try:
+            ready = [k for k, answer in enumerate(answers) if answer is None]
+            for serving in dict.fromkeys(batch[k].serving for k in ready):  # versions in arrival order
+                group = [k for k in ready if batch[k].serving is serving]
+                for k, answer in zip(group, self._infer([batch[k] for k in group]), strict=True):
+                    answers[k] = answer
+        except Exception as exc:  # a bug: each input still gets an answer, or it would hold flow control for good
+            log.exception("route %s: unexpected failure in a batch of %d", batch[0].route.name, len(batch))  # type: ignore[union-attr]
+            detail = f"{type(exc).__name__}: {exc}"
+            answers = [
+                a if a is not None else self.error(i, ErrorCode.INTERNAL, detail)
+                for i, a in zip(batch, answers, strict=True)
+            ]
         for inbound, answer in zip(batch, answers, strict=True):
             assert answer is not None
             self._on_answer(inbound, answer)
@@ -503,8 +542,12 @@ class Pipeline:
         values, ood = split_outputs(manifest, outputs) if manifest.task == "classification" else (outputs, None)
         shown = np.round(values, 6).tolist()
         oods = [None] * len(batch) if ood is None else ood.tolist()
+        finite = np.isfinite(outputs).all(axis=1).tolist()
         results = 0
-        for inbound, output, rounded, ood_score in zip(batch, values.tolist(), shown, oods, strict=True):
+        for inbound, output, rounded, ood_score, ok in zip(batch, values.tolist(), shown, oods, finite, strict=True):
+            if not ok:  # NaN > threshold is False: a NaN score would read as "normal", a NaN probability as a label
+                answers.append(self.error(inbound, ErrorCode.INFERENCE_FAILED, NOT_FINITE))
+                continue
             try:
                 answers.append(self.result(inbound, serving, output, rounded, ood_score))
                 results += 1
@@ -517,12 +560,19 @@ class Pipeline:
         return answers
 
     def _capture(self, capture: Capture, bundle: Bundle, batch: list[Inbound], answers: list[Answer]) -> None:
+        """Offer each result to the route's capture; a capture failure costs that capture, never the answers."""
         spec = bundle.manifest.input
         channels = spec.channels if isinstance(spec, SensorSpec) else None
         for inbound, answer in zip(batch, answers, strict=True):
-            doc = json.loads(answer.body)
-            if "error" not in doc:
-                capture.offer(doc, inbound.payload, inbound.decoded.array, channels)  # type: ignore[union-attr]
+            try:
+                doc = json.loads(answer.body)
+                if "error" not in doc:
+                    capture.offer(doc, inbound.payload, inbound.decoded.array, channels)  # type: ignore[union-attr]
+            except Exception:
+                capture.failed()
+                self._warnings.log(
+                    logging.ERROR, f"capture:{capture.route}", "route %s: capture failed", capture.route, exc_info=True
+                )
 
     def _predict(self, route: Route, bundle: Bundle, inputs: np.ndarray) -> np.ndarray:
         started = time.perf_counter()

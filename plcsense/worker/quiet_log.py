@@ -16,7 +16,7 @@ class RateLimitedLog:
         self._lock = threading.Lock()
         self._state: dict[str, tuple[float, int]] = {}  # key -> (last logged at, suppressed since)
 
-    def log(self, level: int, key: str, msg: str, *args: object) -> None:
+    def log(self, level: int, key: str, msg: str, *args: object, exc_info: bool = False) -> None:
         now = time.monotonic()
         with self._lock:
             last, suppressed = self._state.get(key, (-self._interval_s, 0))
@@ -29,4 +29,4 @@ class RateLimitedLog:
         if suppressed:
             msg += " (%d more like this in the last %.0f s)"
             args = (*args, suppressed, now - last)
-        self._logger.log(level, msg, *args)
+        self._logger.log(level, msg, *args, exc_info=exc_info)

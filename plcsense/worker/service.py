@@ -49,11 +49,18 @@ class Worker:
         except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
             log.warning("control: refused %r: %s", payload[:200], exc)
             return {"ok": False, "detail": str(exc)}
+        except Exception as exc:  # an unreadable repository...: the command is answered, serving goes on
+            log.exception("control: %r failed", payload[:200])
+            return {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
         log.warning("control: %s", detail)
         return {"ok": True, "command": command, "route": route, "detail": detail}
 
     def reload(self) -> None:
-        self.pipeline.reload()
+        """Look for new model versions now (SIGHUP); a failure is logged and serving goes on with what it has."""
+        try:
+            self.pipeline.reload()
+        except Exception:
+            log.exception("looking for new model versions failed")
 
     def _poll(self, every_s: float) -> None:
         while not self._stopping.wait(every_s):

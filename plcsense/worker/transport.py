@@ -176,8 +176,9 @@ class Transport:
         self._unacked = 0  # inputs received and not yet acknowledged
         metrics.inflight.set_function(lambda: self._unacked)  # read at scrape time, not set twice per input
         self._working: dict[str, int] = {}  # per route: inputs received and not yet answered
-        self._pending: dict[int, Inbound] = {}  # outgoing publish mid -> the input it answers
+        self._pending: dict[int, tuple[Inbound, int]] = {}  # outgoing publish mid -> the input it answers, its QoS
         self._early_acks: set[int] = set()  # PUBACKs that beat the bookkeeping after publish()
+        self._unowed: set[int] = set()  # mids of our publishes that answer no input (control replies)
         self._draining = False
         self._saturated = False
         self._waiting_for: Route | None = None  # the route of the input a full intake holds, while it waits
@@ -378,6 +379,8 @@ class Transport:
             return
         connected.clear()
         self.metrics.connected.set(0)
+        if connected is self._answers_connected:
+            self._lost_at_disconnect()
         with self._room:
             self._room.notify_all()
         if not self._draining:  # unanswered inputs stay unacknowledged: the broker or paho resends them
@@ -418,7 +421,9 @@ class Transport:
         topic = msg.topic  # decoded from bytes at every access
         if self._control is not None and topic == self.settings.control_topic:
             reply = self._control(msg.payload)
-            self.answers.publish(f"{topic}/reply", json.dumps(reply), qos=1)
+            info = self.answers.publish(f"{topic}/reply", json.dumps(reply), qos=1)
+            if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # queued: its PUBACK will come
+                self._owes_nothing(info.mid)
             client.ack(msg.mid, msg.qos)
             return
         route = self.pipeline.route_for(topic)
@@ -493,27 +498,49 @@ class Transport:
             self._dropped(inbound, "not_queued", f"publish to {answer.topic} failed ({mqtt.error_string(info.rc)})")
             self._abandon()
             return
-        self._track(info.mid, inbound)
+        self._track(info.mid, inbound, answer.qos)
 
     def _dropped(self, inbound: Inbound, reason: str, detail: str) -> None:
         self.metrics.answers_dropped.labels(inbound.delivery.route, reason).inc()
         self._warnings.log(logging.ERROR, f"drop:{reason}", "answer for %s not delivered: %s", inbound.topic, detail)
 
-    def _track(self, mid: int, inbound: Inbound) -> None:
+    def _track(self, mid: int, inbound: Inbound, qos: int) -> None:
         """Remember which input an outgoing answer is for, unless its PUBACK came first."""
         with self._lock:
             if mid not in self._early_acks:
-                self._pending[mid] = inbound
+                self._pending[mid] = (inbound, qos)
                 return
             self._early_acks.discard(mid)
         self._finish(inbound)
 
+    def _owes_nothing(self, mid: int) -> None:
+        """A publish that answers no input: its PUBACK must not be kept as an early one, or once packet ids wrap
+        (65535 publishes on) it would acknowledge the input of whichever answer gets that id, before its answer
+        is with the broker."""
+        with self._lock:
+            if mid in self._early_acks:
+                self._early_acks.discard(mid)
+            else:
+                self._unowed.add(mid)
+
+    def _lost_at_disconnect(self) -> None:
+        """paho drops QoS 0 answers still queued when the answers connection goes, without an on_publish: release
+        their inputs (QoS 0 too, so nothing is redelivered) or they would hold flow-control room for good."""
+        with self._lock:
+            lost = [self._pending.pop(mid)[0] for mid, (_, qos) in list(self._pending.items()) if qos == 0]
+        for inbound in lost:
+            self._dropped(inbound, "connection_lost", "a QoS 0 answer was still queued when the connection went")
+            self._abandon()
+
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         with self._lock:
+            if mid in self._unowed:
+                self._unowed.discard(mid)
+                return
             if mid not in self._pending:
                 self._early_acks.add(mid)
                 return
-            inbound = self._pending.pop(mid)
+            inbound = self._pending.pop(mid)[0]
         if getattr(reason, "is_failure", False):
             # MQTT 5: the broker refused our answer (not authorised...). Retrying cannot help and holding the input
             # would block flow control for good, so it is acknowledged, logged and counted.

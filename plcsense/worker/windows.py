@@ -3,6 +3,9 @@
 Readings carry their own time where the PLC sends one (``ts``): a reading older than or as old as the last one
 of its device is refused (a late or repeated delivery must not corrupt the window), and a gap longer than
 ``max_gap_s`` restarts the window, because a window spanning a stoppage mixes two different machine states.
+A reading older than the last one by more than ``CLOCK_RESET_S`` (or ``max_gap_s`` when longer) is not a late
+delivery but a clock that went back (set right after a wrong reading far in the future, a controller's reset, local
+time at the end of summer time): the window restarts from it, or one wrong time would refuse every later reading.
 Memory stays bounded: beyond ``max_devices`` the least recently seen device is forgotten.
 """
 
@@ -31,6 +34,12 @@ def reading_time(ts: float | str | None) -> float | None:
     return ts / 1000 if ts > 1e11 else float(ts)
 
 
+CLOCK_RESET_S = 300.0
+"""How far back a reading's time may jump and still count as a late delivery (refused); ``max_gap_s`` when longer.
+Five minutes: longer than a redelivery after a reconnect reaches back, short enough that a clock set right costs
+minutes of readings, not hours."""
+
+
 @dataclass
 class _Device:
     readings: deque[np.ndarray]
@@ -45,6 +54,8 @@ class Pushed:
     """The full window to score, or None while filling (or between strides)."""
     gap_s: float | None = None
     """Set when a gap restarted the window before this reading."""
+    clock_back_s: float | None = None
+    """Set when the device's clock went back this far and the window restarted from this reading."""
 
 
 class WindowStore:
@@ -91,21 +102,25 @@ class WindowStore:
                     self._on_evict()
         else:
             self._devices.move_to_end(key)
-        if ts is not None and device.last_ts is not None and ts <= device.last_ts:
-            kind = "duplicate_reading" if ts == device.last_ts else "late_reading"
-            raise InputError(kind, f"reading at {ts} is not newer than the last one at {device.last_ts}; ignored")
+        back = device.last_ts - ts if ts is not None and device.last_ts is not None else None
+        clock_back = None
+        if back is not None and back >= 0:
+            if back <= max(CLOCK_RESET_S, self.max_gap_s or 0.0):
+                kind = "duplicate_reading" if back == 0 else "late_reading"
+                raise InputError(kind, f"reading at {ts} is not newer than the last one at {device.last_ts}; ignored")
+            clock_back = back
         gap = (ts - device.last_ts) if ts is not None and device.last_ts is not None else now - device.last_seen
         restarted = None
-        if self.max_gap_s is not None and device.readings and gap > self.max_gap_s:
+        if clock_back is not None or (self.max_gap_s is not None and device.readings and gap > self.max_gap_s):
             device.readings.clear()
             device.since_full = 0
-            restarted = gap
+            restarted = None if clock_back is not None else gap
         device.readings.append(reading)
         device.last_ts = ts if ts is not None else device.last_ts
         device.last_seen = now
         if len(device.readings) < self.window:
-            return Pushed(None, restarted)
+            return Pushed(None, restarted, clock_back)
         device.since_full += 1
         if (device.since_full - 1) % self.stride:
-            return Pushed(None, restarted)
-        return Pushed(np.array(device.readings), restarted)  # np.stack: 3x slower on short lists
+            return Pushed(None, restarted, clock_back)
+        return Pushed(np.array(device.readings), restarted, clock_back)  # np.stack: 3x slower on short lists
