@@ -245,3 +245,52 @@ def test_worker_serves_sparkplug_readings(broker, sensor_bundle, run_worker, col
     assert error["error"] == "bad_sparkplug"
     assert worker.metric("plcsense_messages_total", route="spb") == len(payloads) + 2
     assert settled(worker) == 0
+
+
+def test_a_new_model_version_keeps_the_devices_aliases(tmp_path, sensor_bundle) -> None:
+    """Aliases are learnt from a device's DBIRTH; a hot swap to a new version must keep them, or every alias-only
+    DDATA after it would be refused until the device happened to rebirth."""
+    import json
+    import shutil
+
+    from plcsense.models.bundle import read_manifest, write_manifest
+    from plcsense.worker.metrics import Metrics
+    from plcsense.worker.pipeline import Answer, Inbound, Pipeline
+    from plcsense.worker.settings import Settings
+    from tests.conftest import WINDOW
+    from tests.test_worker import readings
+
+    repo = tmp_path / "repo" / "spb"
+    shutil.copytree(sensor_bundle, repo / "1")
+    route = {"name": "spb", "topic": "spBv1.0/plant1/+/edge1/#", "model": str(repo), "encoding": "sparkplug"}
+    got: list[Answer] = []
+    pipeline = Pipeline(Settings(routes=[route], models={"poll_s": 0}), Metrics(), lambda i, a: got.append(a))
+    pipeline.load_models()
+    r = pipeline.routes[0]
+    names = ["vibration", "current", "pressure"]
+
+    def send(kind: str, row: list[float], seq: int) -> object:
+        metrics = tuple(
+            metric(n if kind == "DBIRTH" else None, DT.DOUBLE, v, alias=i + 1)
+            for i, (n, v) in enumerate(zip(names, row, strict=True))
+        )
+        message = spb.DBirth if kind == "DBIRTH" else spb.DData
+        payload = message(timestamp=TS + 1000 * seq, seq=seq, metrics=metrics).encode(include_dtypes=kind == "DBIRTH")
+        return pipeline.handle(Inbound(f"spBv1.0/plant1/{kind}/edge1/pump7", payload, route=r))
+
+    try:
+        rows = readings(WINDOW + 1)
+        send("DBIRTH", rows[0], 0)
+        shutil.copytree(repo / "1", tmp_path / "v2")  # the same model as version 2: a hot swap on the next reload
+        manifest = read_manifest(tmp_path / "v2")
+        manifest.version = "2"
+        write_manifest(tmp_path / "v2", manifest)
+        (tmp_path / "v2").rename(repo / "2")
+        pipeline.reload()
+        assert r.serving.version == "2"
+        outcomes = [send("DDATA", row, i) for i, row in enumerate(rows[1:], 1)]
+        errors = [json.loads(o.body) for o in outcomes if isinstance(o, Answer)]
+        assert errors == [], errors
+        assert sum(o is None for o in outcomes) >= 1  # a full window went on to inference
+    finally:
+        pipeline.close()

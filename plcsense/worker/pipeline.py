@@ -319,7 +319,10 @@ class Pipeline:
             bundle.digest,
             r.topic,
         )
-        return Serving(bundle, make_decoder(manifest, r), self._windows(route, bundle, base))
+        decoder = make_decoder(manifest, r)
+        if base is not None:
+            decoder.continue_from(base.decoder)
+        return Serving(bundle, decoder, self._windows(route, bundle, base))
 
     def _refused(self, route: Route, current: Serving | None, why: str, what: str) -> Serving | None:
         if current is None and what == "model":

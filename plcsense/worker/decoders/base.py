@@ -50,6 +50,10 @@ class Decoder(ABC):
     def decode(self, topic: str, payload: bytes) -> Decoded | Lifecycle:
         """Decode and validate, or raise :class:`InputError` saying what is wrong with the payload."""
 
+    def continue_from(self, previous: Decoder) -> None:  # noqa: B027 (an optional hook: most decoders keep no state)
+        """Take over what ``previous`` (the serving version's decoder) learnt from the stream, when a new version
+        swaps in or a candidate serves beside it; stateless decoders have nothing to take."""
+
 
 def message_id(value: Any) -> str | None:
     return None if value is None else str(value)[:200]

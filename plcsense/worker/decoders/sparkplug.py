@@ -19,6 +19,12 @@ class SparkplugDecoder(Decoder):
         super().__init__(manifest, route)
         self.aliases = AliasTable(route.max_devices)
 
+    def continue_from(self, previous: Decoder) -> None:
+        """The aliases are the devices' (learnt from their BIRTHs), not the model's: a new version without them
+        would refuse every alias-only DATA until each device happened to rebirth."""
+        if isinstance(previous, SparkplugDecoder):
+            self.aliases = previous.aliases
+
     def decode(self, topic: str, payload: bytes) -> Decoded | Lifecycle:
         if not isinstance(self.spec, SensorSpec):
             raise InputError(ErrorCode.BAD_ENCODING, "route encoding is sparkplug but the model takes images")
