@@ -109,8 +109,6 @@ class Classifier:
 
     model: keras.Model
     backbone: keras.Model | None = None
-    features: keras.Model | None = None
-    """Pixels to backbone feature maps (preprocessing + frozen backbone), for caching features once."""
     head: keras.Model | None = None
     """Feature maps to class probabilities."""
 
@@ -146,10 +144,9 @@ def classifier(
         backbone.trainable = False
     inputs = keras.Input(input_shape, name="pixels")
     feature_maps = backbone(preprocessed(arch, inputs), training=False)
-    features = keras.Model(inputs, feature_maps, name="features")
     top = head(feature_maps.shape[1:], num_classes, pooling=pooling, dropout=dropout)
     model = keras.Model(inputs, top(feature_maps), name=f"{arch}_classifier")
-    return Classifier(model, backbone, features, top)
+    return Classifier(model, backbone, top)
 
 
 def top_part(backbone: keras.Model, cut: str | None) -> keras.Model:
@@ -186,17 +183,6 @@ def unfreeze_above(backbone: keras.Model, cut: str | None) -> int:
     count = 0
     for i, layer in enumerate(backbone.layers):
         layer.trainable = i >= start and bool(layer.weights) and not isinstance(layer, layers.BatchNormalization)
-        count += layer.trainable
-    return count
-
-
-def unfreeze_top(backbone: keras.Model, n_layers: int) -> int:
-    """Make the top ``n_layers`` of the backbone trainable, BatchNorm excepted; return how many became trainable."""
-    backbone.trainable = True
-    cut = max(0, len(backbone.layers) - n_layers)
-    count = 0
-    for i, layer in enumerate(backbone.layers):
-        layer.trainable = i >= cut and not isinstance(layer, layers.BatchNormalization)
         count += layer.trainable
     return count
 

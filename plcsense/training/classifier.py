@@ -223,7 +223,7 @@ class ClassifierRun:
         spec: InputSpec,
         *,
         show_misclassified: bool = False,
-        held_out_name: str = "test",
+        held_out_name: str | None = None,
         extra_metrics: dict[str, float] | None = None,
         report_files: dict[str, str] | None = None,
     ) -> Bundle:
@@ -232,7 +232,9 @@ class ClassifierRun:
         The exported graph appends an out-of-distribution score (:mod:`plcsense.training.ood`), fitted on the
         training features; its threshold comes from the validation inputs run through the model that ships.
         ``show_misclassified``: the held-out inputs are pictures, drawn in ``report/misclassified.png``.
-        ``held_out_name`` prefixes the held-out figures (``fit`` when the model was refitted on them);
+        ``held_out_name`` prefixes the held-out figures: ``test``, or ``val`` when there is no test part (the part
+        that chose the epoch; ``fit`` when the model was refitted on it). ``test_unknown`` exists with a test part
+        only: on the validation inputs the ood threshold was set on, it is about 1 % by construction;
         ``extra_metrics`` go into the manifest, ``report_files`` (name -> text) into ``report/``.
         """
         cfg, splits = self.cfg, self.splits
@@ -255,6 +257,8 @@ class ClassifierRun:
             manifest.metrics["interrupted"] = 1.0
         manifest.metrics.update(extra_metrics or {})
         inputs, labels = splits.held_out
+        tested = len(splits.test[1]) > 0
+        held_out_name = held_out_name or ("test" if tested else "val")
 
         def probabilities(lite: LiteRTModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
             return split_outputs(manifest, predict_all(lite, x))
@@ -278,8 +282,9 @@ class ClassifierRun:
         def calibrate(lite: LiteRTModel) -> None:
             assert manifest.ood is not None
             manifest.ood.threshold = fit_threshold(probabilities(lite, splits.val[0])[1])
-            ood = probabilities(lite, inputs)[1]
-            manifest.metrics["test_unknown"] = float(np.mean(ood > manifest.ood.threshold))
+            if tested:
+                ood = probabilities(lite, inputs)[1]
+                manifest.metrics["test_unknown"] = float(np.mean(ood > manifest.ood.threshold))
             if cfg.quantize == "int8":
                 log.warning(INT8_NOTE)
 

@@ -74,7 +74,7 @@ class ImageTrainConfig(ClassifierConfig):
     test_split: float | None = None  # type: ignore[assignment]
     """Default: none for backbones (the test/ folder is used when there is one), 0.15 for scratch."""
     patience: int | None = None
-    """Epochs without validation improvement before stopping; default 5, 12 for the scratch CNN, whose
-    validation loss wanders more from epoch to epoch under augmentation."""
+    """Epochs without validation improvement before stopping; default 4 in fine-tuning, 12 for the scratch CNN,
+    whose validation loss wanders more from epoch to epoch under augmentation."""
     augment: Augment | None = field(default_factory=lambda: Augment.parse("auto", "mobilenet_v2"))
     """Flips (tried, kept when validation agrees) for backbones; the other transforms apply to scratch only."""

@@ -51,12 +51,10 @@ class Folds:
     describe: str
 
     @classmethod
-    def make(cls, labels: np.ndarray, val_labels: np.ndarray | None, seed: int) -> Folds:
-        """The user's val/ folder (its images come after the training ones in the pool) when given; else
-        stratified 5-fold below 300 images, 3-fold below 600, a stratified 20 % validation part above."""
+    def make(cls, labels: np.ndarray, seed: int) -> Folds:
+        """Stratified 5-fold below 300 images, 3-fold below 600, a stratified 20 % validation part above (the
+        user's val/ folder, when there is one, is taken before this is asked)."""
         n = len(labels)
-        if val_labels is not None:
-            return cls([(np.arange(n), np.arange(n, n + len(val_labels)))], f"the val/ folder ({len(val_labels)})")
         smallest = int(np.bincount(labels).min())
         if n < 600 and smallest >= 2:
             k = min(5 if n < 300 else 3, smallest)
@@ -229,7 +227,6 @@ class FineTuneResult:
     accuracy: float
     loss: float
     best_epoch: int
-    epochs: int
     stopped: str
     curves: dict[str, list[float]]
     weights: list[np.ndarray] | None = None
@@ -341,7 +338,7 @@ class FineTuner:
                 key = (round(acc, 4), -vloss)
                 if best_key is None or key > best_key:
                     best_key, since_best = key, 0
-                    best = FineTuneResult(acc, vloss, epoch, epoch, "", {}, self.snapshot())
+                    best = FineTuneResult(acc, vloss, epoch, "", {}, self.snapshot())
                 else:
                     since_best += 1
             on_epoch(epoch, figures)
@@ -352,11 +349,11 @@ class FineTuner:
                 stopped = "time budget"
                 break
         if val is None:
-            return FineTuneResult(math.nan, math.nan, epoch, epoch, stopped, curves, self.snapshot())
+            return FineTuneResult(math.nan, math.nan, epoch, stopped, curves, self.snapshot())
         if best is None:  # never better than where it started
             assert start_val is not None
-            return FineTuneResult(start_val[0], start_val[1], 0, epoch, stopped, curves, None)
-        best.epochs, best.stopped, best.curves = epoch, stopped, curves
+            return FineTuneResult(start_val[0], start_val[1], 0, stopped, curves, None)
+        best.stopped, best.curves = stopped, curves
         return best
 
     def _validate(self, batch_of: Callable, labels: np.ndarray, val: np.ndarray) -> tuple[float, float]:

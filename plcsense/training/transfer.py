@@ -23,7 +23,6 @@ from pathlib import Path
 import keras
 import numpy as np
 from PIL import Image
-from sklearn.model_selection import train_test_split
 
 from plcsense.models.backbones import BACKBONES, POOLINGS, build_backbone, classifier, cut_near, head
 from plcsense.models.bundle import Bundle, ImageSpec
@@ -46,6 +45,7 @@ from plcsense.training.image_select import (
     pooled_view,
     probe_trial,
 )
+from plcsense.training.splits import split_indices
 
 log = logging.getLogger("plcsense.training")
 
@@ -107,7 +107,7 @@ def native_side(files: list[Path], sample: int = 50) -> int:
 
 def resolutions(arch: str, native: int, pinned: int | None) -> list[int]:
     """The backbone's native size, plus the photos' own (rounded to 32, at most ``MAX_SIDE``) when it is larger by
-    over an eighth or smaller by over a third; cheapest first.
+    over an eighth or smaller by over a quarter; cheapest first.
 
     Asymmetric on purpose: shrinking a photo loses detail no later choice recovers (a crack a few pixels wide in
     a 300 px photo is narrower still at 224), while a somewhat smaller photo only gains speed at its own size.
@@ -194,10 +194,8 @@ class BackboneRun:
         )
         self.test = list_photos(data_dir / "test", self.classes)[0] if nested and (data_dir / "test").is_dir() else None
         if self.test is None and cfg.test_split:
-            keep, held = train_test_split(
-                np.arange(len(train.files)), test_size=cfg.test_split, random_state=cfg.seed, stratify=train.labels
-            )
-            train, self.test = train.take(np.sort(keep)), train.take(np.sort(held))
+            keep, _, held = split_indices(train.labels, 0.0, cfg.test_split, cfg.seed)
+            train, self.test = train.take(keep), train.take(held)
         self.pool = (
             train
             if val is None
@@ -232,6 +230,10 @@ class BackboneRun:
         self.ready: tuple[int, str, list[np.ndarray], list[np.ndarray]] | None = None
         """(side, pooling, backbone weights, head weights) of a complete model to export, the best so far."""
         self.selection: Selection | None = None
+        self.ready_trial: Trial | None = None
+        """The trial whose model ``ready`` is: what the report names as chosen."""
+        self.curves: dict[str, list[float]] = {}
+        """Fine-tuning curves (first fold) of the best fine-tuning trial."""
         interrupted = False
         try:
             self._frozen(sides)
@@ -244,7 +246,7 @@ class BackboneRun:
             if self.ready is None:
                 if self.selection is None or self.selection.best is None:
                     raise
-                self._refit_probe()
+                self._refit_probe(self.selection.best)
         return self._export(out, interrupted)
 
     def _frozen(self, sides: list[int]) -> None:
@@ -273,13 +275,14 @@ class BackboneRun:
                 clock.progress("data", "validation: %s", folds.describe)
             pooled, acts = self.tap.run(pixels)
             clock.progress("frozen", "%d px features (%.0f photos/s at 224 px)", side, self.tap.rate)
-            tried: set[tuple] = set()
+            tried: set[frozenset] = set()
             for name, values in plan:
                 for value in values:
                     settings = dict(base, resolution=side, **{name: value})
-                    if tuple(settings.items()) in tried or (tried and clock.remaining < self._export_seconds() + 60):
+                    key = frozenset(settings.items())  # the same settings, whichever step put them together
+                    if key in tried or (tried and clock.remaining < self._export_seconds() + 60):
                         continue
-                    tried.add(tuple(settings.items()))
+                    tried.add(key)
                     view = pooled_view(pooled, str(settings["pooling"]))
                     trial = self.selection.add(
                         probe_trial(
@@ -291,7 +294,7 @@ class BackboneRun:
                 base = {k: v for k, v in self.selection.best.settings.items() if k != "resolution"}
             del pixels, pooled, acts
         self.settings = dict(self.selection.best.settings, augment="none")
-        self._refit_probe()
+        self._refit_probe(self.selection.best)
 
     def _augmentation(self) -> None:
         """Stage 2: flipped copies, kept when the probe fitted on them validates at least as well."""
@@ -318,7 +321,7 @@ class BackboneRun:
         if trial.key() >= before.key():
             self.settings = settings
             selection.best = trial
-            self._refit_probe()
+            self._refit_probe(trial)
         else:
             self.pooled, self.acts = self.pooled[:1], self.acts[:1]
 
@@ -356,6 +359,7 @@ class BackboneRun:
         copies = len(self.pooled)
         accuracy, loss, best_epochs, stopped, epoch_seconds = [], [], [], [], []
         best_fold: tuple[tuple[float, float], list[np.ndarray]] | None = None
+        curves: dict[str, list[float]] = {}
         for k, (train, val) in enumerate(selection.folds.pairs):
             fold_end = started + budget * (k + 1) / len(selection.folds.pairs)
             self.backbone.set_weights(self.pretrained)
@@ -383,7 +387,7 @@ class BackboneRun:
             if result.weights is not None and (best_fold is None or (result.accuracy, -result.loss) > best_fold[0]):
                 best_fold = ((result.accuracy, -result.loss), result.weights)
             if k == 0:
-                self.curves = result.curves
+                curves = result.curves
             if clock.elapsed > started + budget and k + 1 < len(selection.folds.pairs):
                 selection.skip("fine-tune", name, f"the budget ended after fold {k + 1}")
                 self.backbone.set_weights(self.pretrained)
@@ -395,6 +399,7 @@ class BackboneRun:
         )
         if trial is selection.best:
             self.tuned = (cut, int(np.median(best_epochs)), float(np.mean(epoch_seconds)), best_fold)
+            self.curves = curves
         self.backbone.set_weights(self.pretrained)
         return float(np.mean(epoch_seconds)) if epoch_seconds else None
 
@@ -429,6 +434,7 @@ class BackboneRun:
             )  # fmt: skip
             self.selection.notes["refit"] = f"fine-tuned on all {len(everything)} photos for {epochs} epochs"
         self.ready = (self.side, str(self.settings["pooling"]), self.backbone.get_weights(), self.head.get_weights())
+        self.ready_trial = best
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _folds(self) -> Folds:
@@ -439,14 +445,9 @@ class BackboneRun:
             val = np.flatnonzero(from_val)
             return Folds([(train, val)], f"the val/ folder ({len(val)} photos)")
         if cfg.val_split:
-            train, val = train_test_split(
-                np.arange(len(self.pool.files)),
-                test_size=cfg.val_split,
-                random_state=cfg.seed,
-                stratify=self.pool.labels,
-            )
-            return Folds([(np.sort(train), np.sort(val))], f"a stratified {cfg.val_split:.0%} validation part")
-        return Folds.make(self.pool.labels, None, cfg.seed)
+            train, val, _ = split_indices(self.pool.labels, cfg.val_split, 0.0, cfg.seed)
+            return Folds([(train, val)], f"a {cfg.val_split:.0%} validation part (stratified where classes allow)")
+        return Folds.make(self.pool.labels, cfg.seed)
 
     def _extract_seconds(self, side: int) -> float:
         return len(self.pool.files) * (side / 224) ** 2 / max(self.tap.rate, 1e-6)
@@ -484,9 +485,10 @@ class BackboneRun:
         probe = self._probe(index)
         tuner.head.get_layer("probabilities").set_weights([probe.weights, probe.bias])
 
-    def _refit_probe(self) -> None:
-        """The frozen probe with the current settings on every photo: a complete model, ready to export."""
-        self.settings = getattr(self, "settings", None) or dict(self.selection.best.settings, augment="none")
+    def _refit_probe(self, trial: Trial) -> None:
+        """The frozen probe of ``trial`` on every photo: a complete model, ready to export."""
+        self.ready_trial = trial
+        self.settings = getattr(self, "settings", None) or dict(trial.settings, augment="none")
         self.head = self._new_head()
         probe = self._probe(np.arange(len(self.pool.files)))
         self.head.get_layer("probabilities").set_weights([probe.weights, probe.bias])
@@ -510,7 +512,8 @@ class BackboneRun:
         net = classifier(self.cfg.arch, (side, side, 3), self.n_classes, pooling=pooling, backbone=self.backbone)
         net.head.set_weights(head_weights)
         spec = ImageSpec(height=side, width=side, channels=3, color_mode="rgb")
-        pixels = self.pixels if side == self.side else load_pixels(self.pool, side)[0]
+        assert side == self.side, "a ready model is always at the resolution whose photos are loaded"
+        pixels = self.pixels
         val_index = self.selection.folds.pairs[0][1]
         # uint8 throughout: the export casts batch by batch (float32 copies of a few thousand photos of 288 px
         # would take gigabytes)
@@ -527,8 +530,16 @@ class BackboneRun:
             describe=f"{side}x{side} images, {cfg.arch}",
         )  # fmt: skip
         run.interrupted = interrupted
-        run.history = getattr(self, "curves", {})
-        best = self.selection.best
+        best = self.ready_trial
+        if best is not self.selection.best:  # the report and manifest name the model that is shipped
+            if interrupted:
+                winner = self.selection.best
+                self.selection.notes["interrupted"] = (
+                    f"the best trial ({winner.stage}, validation accuracy {winner.accuracy:.4f}) was not yet a "
+                    "complete model: the best one that was is exported"
+                )
+            self.selection.best = best
+        run.history = self.curves if best.stage == "fine-tune" else {}
         if cfg.tensorboard:
             self._tensorboard(cfg.tensorboard)
         self.clock.progress("export", "exporting %s", ", ".join(f"{k} {v}" for k, v in best.settings.items()))
@@ -551,7 +562,7 @@ class BackboneRun:
             for step, trial in enumerate(self.selection.trials):
                 tf.summary.scalar(f"selection/{trial.stage}/val_accuracy", trial.accuracy, step=step)
                 tf.summary.scalar(f"selection/{trial.stage}/val_loss", trial.loss, step=step)
-            for name, values in getattr(self, "curves", {}).items():
+            for name, values in (self.curves if self.ready_trial.stage == "fine-tune" else {}).items():
                 for step, value in enumerate(values, 1):
                     tf.summary.scalar(f"fine_tune/{name}", value, step=step)
 
