@@ -60,6 +60,38 @@ def test_shipped_mosquitto_config_meets_the_delivery_guarantee():
     assert conf["persistence_location"].rstrip("/") in named, "the persistence file must live on a volume"
 
 
+@requires_mosquitto
+def test_shipped_packet_limit_disconnects_oversized_publishers_and_passes_the_workers_own(tmp_path):
+    """``max_packet_size`` bounds what anyone can make the broker and the worker read into memory; it must stay
+    above the worker's ``max_payload_bytes``, so that payloads between the two still get an error answer."""
+    from plcsense.worker.settings import RouteSettings
+
+    limit = int(mosquitto_settings(SHIPPED)["max_packet_size"])
+    assert limit > RouteSettings.model_fields["max_payload_bytes"].default
+    broker = start_broker(tmp_path / "broker", extra_conf=[f"max_packet_size {limit}"], verbose_log=False)
+    try:
+        sizes: list[int] = []
+        subscriber, subscribed = (
+            broker.connect(client_id="big-sub", on_message=lambda c, u, m: sizes.append(len(m.payload))),
+            threading.Event(),
+        )
+        subscriber.on_subscribe = lambda *_args: subscribed.set()
+        subscriber.subscribe(TOPIC, qos=1)
+        assert subscribed.wait(10)
+        publisher = broker.connect(client_id="big-pub")
+        publisher.publish(TOPIC, b"x" * (limit - 1024), qos=1).wait_for_publish(10)
+        publisher.publish(TOPIC, b"y" * (limit + 1024), qos=1)
+        deadline = time.monotonic() + 10
+        while ("oversize packet" not in broker.log() or not sizes) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "disconnected due to oversize packet" in broker.log()
+        assert sizes == [limit - 1024]
+        close(publisher)
+        close(subscriber)
+    finally:
+        broker.stop()
+
+
 # ----------------------------------------------------------------------------- on a real Mosquitto
 def broker_with(tmp_path: Path, lines: list[str]) -> Broker:
     return start_broker(tmp_path / "broker", persistence=True, extra_conf=lines, verbose_log=False)
