@@ -150,7 +150,7 @@ def test_one_class_or_empty_class_folder_is_refused(tmp_path):
 
 
 def test_channel_stats_leave_constant_channels_unscaled():
-    from plcsense.training.sensor_classify import channel_stats
+    from plcsense.training.data import channel_stats
 
     inputs = np.stack([np.stack([np.arange(10.0), np.full(10, 3.0)], axis=1)] * 4)
     mean, std = channel_stats(inputs)

@@ -19,6 +19,19 @@ log = logging.getLogger("plcsense.training")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
+def varies(std: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Channels whose spread is more than rounding noise relative to their level (a constant channel does not)."""
+    return std > 1e-9 * np.maximum(1.0, np.abs(mean))
+
+
+def channel_stats(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation over every leading axis of ``values`` (..., C), float64; a constant
+    channel gets std 1 (no scaling), so it standardises to 0 instead of to rounding noise blown up."""
+    flat = np.asarray(values, dtype=np.float64).reshape(-1, np.shape(values)[-1])
+    mean, std = flat.mean(axis=0), flat.std(axis=0)
+    return mean, np.where(varies(std, mean), std, 1.0)
+
+
 class DataError(ValueError):
     """Training or evaluation data that cannot be used; the message says what to fix."""
 

@@ -44,6 +44,7 @@ import keras
 import numpy as np
 from keras import layers
 
+from plcsense.training.data import channel_stats
 from plcsense.training.thresholds import TailFit, scaled_chi2_threshold
 
 SCALE_FLOOR = 1e-3  # smallest tolerance of a standardised channel: a channel flat in training still scores finitely
@@ -182,9 +183,7 @@ def fit_detector(train: np.ndarray | Segments, settings: ARSettings | None = Non
     if not np.all(np.isfinite(values)):
         raise ValueError("training values must be finite")
     channels = values.shape[1]
-    mean = values.mean(axis=0)
-    std = values.std(axis=0)
-    std = np.where(std > 1e-9 * np.maximum(1.0, np.abs(mean)), std, 1.0)  # constant channels: no scaling
+    mean, std = channel_stats(values)
     z = [(g - mean) / std for g in segments]
 
     filters = np.zeros((s.taps, channels))

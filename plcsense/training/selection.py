@@ -26,6 +26,8 @@ from typing import Protocol
 
 import numpy as np
 
+from plcsense.training.data import varies
+
 log = logging.getLogger("plcsense.training")
 
 
@@ -191,8 +193,9 @@ def select(
     started = time.monotonic() if started is None else started
     deadline = started + time_budget
     fit_runs, validation = split_in_time(runs, s.validation_split)
-    spread = np.concatenate(fit_runs).std(axis=0)
-    spread = np.where(spread > 1e-9 * np.maximum(1.0, np.abs(np.concatenate(fit_runs).mean(axis=0))), spread, 0.0)
+    rows = np.concatenate(fit_runs)
+    spread = rows.std(axis=0)
+    spread = np.where(varies(spread, rows.mean(axis=0)), spread, 0.0)
     selection = Selection(
         chosen=None,
         winner=None,  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ from keras import layers
 
 from plcsense.models.bundle import Bundle, SensorSpec
 from plcsense.training.classifier import ClassifierConfig, ClassifierRun, Schedule, Splits
-from plcsense.training.data import load_sensor_folder
+from plcsense.training.data import channel_stats, load_sensor_folder
 from plcsense.training.export import check_output_dir
 
 
@@ -30,14 +30,6 @@ class SensorClassifyConfig(ClassifierConfig):
     """Early stopping: epochs without a better validation loss before training stops (best weights kept)."""
     lr_patience: int = 8
     """Halve the learning rate after this many epochs without a better validation loss."""
-
-
-def channel_stats(inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and standard deviation over every sample and time step; constant channels get std 1."""
-    flat = inputs.reshape(-1, inputs.shape[-1]).astype(np.float64)
-    mean, std = flat.mean(axis=0), flat.std(axis=0)
-    std = np.where(std > 1e-9 * np.maximum(1.0, np.abs(mean)), std, 1.0)
-    return mean, std
 
 
 def cnn1d(

@@ -29,7 +29,7 @@ import numpy as np
 from plcsense.models.architectures import dense_autoencoder
 from plcsense.models.bundle import Bundle, SensorSpec, new_manifest
 from plcsense.models.runtime import predict_all
-from plcsense.training.data import DataError, SensorTable, read_sensor_csv, sliding_windows
+from plcsense.training.data import DataError, SensorTable, channel_stats, read_sensor_csv, sliding_windows
 from plcsense.training.detectors import ARSettings, Calibrated, calibrate, channel_errors
 from plcsense.training.export import check_output_dir, export_bundle
 from plcsense.training.selection import Selection, SelectionSettings, select
@@ -195,9 +195,7 @@ def _fit_autoencoder(
     if not fit_parts:
         raise ValueError(f"too few normal rows for windows of {window}; record more or shrink --window")
     fit, calib = np.concatenate(fit_parts), np.concatenate(calib_parts)
-    rows = np.concatenate(runs)
-    mean, std = rows.mean(axis=0), rows.std(axis=0)
-    std = np.where(std > 1e-9 * np.maximum(1.0, np.abs(mean)), std, 1.0)  # constant channels: no scaling
+    mean, std = channel_stats(np.concatenate(runs))
 
     keras.utils.set_random_seed(s.seed)
     autoencoder, scorer = dense_autoencoder(window, mean, std)
