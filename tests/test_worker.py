@@ -180,6 +180,16 @@ def test_response_topic_and_correlation_data(broker, image_bundle, image_data, r
     assert out.messages[0].topic == "replies/plc7"
     assert out.messages[0].properties.CorrelationData == b"job-42"
 
+    # a response topic the worker takes as input would feed the answer back in: the route's own topic instead
+    own = Collector(broker, "line/#")
+    collectors.append(own)
+    props.ResponseTopic = "line/2/cam"
+    publish_all(broker, "line/1/cam", [(image_data / "dark" / "002.png").read_bytes()], properties=props)
+    [answer] = own.wait(1, "/result")
+    assert answer.topic == "line/1/cam/result" and json.loads(answer.payload)["label"] == "dark"
+    time.sleep(0.5)
+    assert [m.topic for m in own.messages] == ["line/1/cam", "line/1/cam/result"], "nothing went to line/2/cam"
+
 
 def test_tls_with_username_and_password(tls_broker, sensor_bundle, run_worker, collectors):
     worker = run_worker(tls_broker, [sensor_route(sensor_bundle)])

@@ -445,10 +445,21 @@ class Transport:
             self._working[route.name] = self._working.get(route.name, 0) + 1
             generation = self._generation
         props = getattr(msg, "properties", None)
+        response_topic = getattr(props, "ResponseTopic", None)
+        if response_topic is not None and self.pipeline.route_for(response_topic) is not None:
+            # an answer there would come back to us as an input (or reach another route's model): refused
+            self._warnings.log(
+                logging.WARNING,
+                f"response:{route.name}",
+                "route %s: response topic %r is one of this worker's input topics; answering on the route's own",
+                route.name,
+                response_topic[:200],
+            )
+            response_topic = None
         inbound = Inbound(
             topic,
             msg.payload,
-            response_topic=getattr(props, "ResponseTopic", None),
+            response_topic=response_topic,
             correlation=getattr(props, "CorrelationData", None),
             delivery=Delivery(msg.mid, msg.qos, generation, route.name),
             route=route,
