@@ -20,6 +20,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,6 +166,9 @@ class Transport:
         share_property_tables()
         self.settings = settings
         self._control = control
+        # commands run one at a time off the network thread: a reload loads and checks model versions (seconds),
+        # and on the network thread intake, acknowledgements and keepalive pings would wait for it
+        self._commands = ThreadPoolExecutor(1, thread_name_prefix="control") if control else None
         self.metrics = metrics
         self.pipeline = pipeline
         self._lock = threading.Lock()
@@ -251,6 +255,8 @@ class Transport:
         if leaving and drained:  # Mosquitto would otherwise keep queueing a share for us until the session expires
             props = Properties(PacketTypes.DISCONNECT)
             props.SessionExpiryInterval = 0
+        if self._commands is not None:
+            self._commands.shutdown(wait=False, cancel_futures=True)
         self.client.disconnect(properties=props)
         self.client.loop_stop()
         self.answers.disconnect()
@@ -419,12 +425,9 @@ class Transport:
 
     def _take(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
         topic = msg.topic  # decoded from bytes at every access
-        if self._control is not None and topic == self.settings.control_topic:
-            reply = self._control(msg.payload)
-            info = self.answers.publish(f"{topic}/reply", json.dumps(reply), qos=1)
-            if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # queued: its PUBACK will come
-                self._owes_nothing(info.mid)
-            client.ack(msg.mid, msg.qos)
+        if self._commands is not None and topic == self.settings.control_topic:
+            delivery = Delivery(msg.mid, msg.qos, self._generation, "")
+            self._commands.submit(self._command, client, topic, msg.payload, delivery)
             return
         route = self.pipeline.route_for(topic)
         if route is None:  # an answer or status topic (ours or a sibling's): acknowledge and ignore
@@ -467,6 +470,20 @@ class Transport:
         outcome = self.pipeline.handle(inbound)
         if outcome is not None:
             self.settle(inbound, outcome)
+
+    def _command(self, client: mqtt.Client, topic: str, payload: bytes, delivery: Delivery) -> None:
+        """One control command: run it, publish the reply, then acknowledge it (a command is never redelivered for
+        failing: its reply says why)."""
+        assert self._control is not None
+        try:
+            reply = self._control(payload)
+            info = self.answers.publish(f"{topic}/reply", json.dumps(reply), qos=1)
+            if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # queued: its PUBACK will come
+                self._owes_nothing(info.mid)
+        except Exception:
+            log.exception("control command on %s failed", topic)
+        if delivery.qos and delivery.generation == self._generation:
+            client.ack(delivery.mid, delivery.qos)
 
     def _set_saturated(self, saturated: bool) -> None:
         if saturated and self._stalled_since is None:
