@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -293,3 +295,34 @@ def _until(condition, timeout: float = 10) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def test_a_member_leaving_a_shared_group_answers_what_the_broker_still_had_queued_for_it(
+    broker, sensor_bundle, run_worker, collectors
+):
+    """A burst larger than the broker's in-flight window queues most of a member's share in its session; when
+    that member is scaled away it must answer those too (the broker keeps sending them after the UNSUBACK, and
+    they die with the session it ends), not only those already in flight."""
+    route = sensor_route(sensor_bundle, full_windows=True)
+    leaving, staying = (run_worker(broker, [route], client_id=f"burst{i}", shared_group="pumps") for i in range(2))
+    out = Collector(broker, "plant/+/pump/+")
+    collectors.append(out)
+    client = mqtt_client(broker)
+    window = readings(WINDOW)
+    total = 1200
+    assert _until(lambda: leaving.metric("plcsense_mqtt_connected") == 1 and staying.metric("plcsense_mqtt_connected"))
+    os.kill(leaving.proc.pid, signal.SIGSTOP)  # its share piles up in its session: in flight, then queued
+    try:
+        infos = [
+            client.publish(f"plant/d{i % 7}/pump", json.dumps({"id": str(i), "data": window}), qos=1)
+            for i in range(total)
+        ]
+        for info in infos:
+            info.wait_for_publish(30)
+        leaving.proc.send_signal(signal.SIGTERM)  # scaled away: handled as soon as it runs again
+    finally:
+        os.kill(leaving.proc.pid, signal.SIGCONT)
+    assert out.wait_for_ids([str(i) for i in range(total)], timeout=90), total - len(out.answers.by_id)
+    assert leaving.proc.wait(60) == 0
+    assert staying.metric("plcsense_messages_total", route="pump") < total, "the leaving member had a share"
+    client.disconnect()

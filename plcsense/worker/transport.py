@@ -38,6 +38,8 @@ from plcsense.worker.settings import MqttSettings
 log = logging.getLogger("plcsense.worker")
 
 STALL_S = 60.0
+LEAVE_QUIET_S = 1.0
+"""A member leaving a shared group ends its session once nothing is unanswered and no input came for this long."""
 """Intake waiting this long without one answer means the message path is stuck: /healthz fails."""
 
 
@@ -184,6 +186,8 @@ class Transport:
         self._early_acks: set[int] = set()  # PUBACKs that beat the bookkeeping after publish()
         self._unowed: set[int] = set()  # mids of our publishes that answer no input (control replies)
         self._draining = False
+        self._leaving = False  # a shared-group member leaving for good: it answers everything it is still sent
+        self._last_input = 0.0  # time.monotonic() of the last input taken
         self._saturated = False
         self._waiting_for: Route | None = None  # the route of the input a full intake holds, while it waits
         self._stalled_since: float | None = None  # intake waiting for room, and no answer since
@@ -235,15 +239,28 @@ class Transport:
         """Stop taking messages, answer what is in flight, go offline. Returns False if the drain timed out.
 
         A member of a shared group leaves for good (a scale-down): it first unsubscribes, so the broker stops
-        giving it a share, answers everything already given to it, then ends its session. Anything left
-        unacknowledged in an ended session would be lost on Mosquitto, which does not hand it to another member."""
+        giving it a share, answers everything given to it (also what the broker had queued for it and goes on
+        sending after the UNSUBACK), then, after ``LEAVE_QUIET_S`` without a new input, ends its session. Anything
+        left in an ended session would be lost on Mosquitto, which does not hand it to another member."""
         leaving = self.settings.protocol == "5" and bool(self.settings.shared_group) and self._connected.is_set()
         if leaving:
+            self._leaving = True
             self._unsubscribe_all(timeout=5)
+        deadline = time.monotonic() + timeout
         with self._lock:
             self._draining = True
             self._room.notify_all()
-            drained = self._idle.wait_for(lambda: self._unacked == 0, timeout)
+            while True:
+                drained = self._idle.wait_for(lambda: self._unacked == 0, max(0.0, deadline - time.monotonic()))
+                # Leaving: the broker goes on sending what it had queued for this session after the UNSUBACK, one
+                # message per acknowledgement; only a quiet spell with nothing unanswered means it has all come
+                quiet = time.monotonic() - self._last_input
+                if not (leaving and drained) or quiet >= LEAVE_QUIET_S:
+                    break
+                if time.monotonic() >= deadline:  # still being sent inputs: keep the session, they stay in it
+                    drained = False
+                    break
+                self._idle.wait(min(LEAVE_QUIET_S - quiet, max(0.0, deadline - time.monotonic())))
         if not drained:
             log.warning(
                 "%d messages still unanswered after %.0f s; the broker will redeliver them", self._unacked, timeout
@@ -442,9 +459,10 @@ class Transport:
                     self._room.wait(0.5)
                 self._waiting_for = None
                 self._set_saturated(False)
-            if self._draining:
+            if self._draining and not self._leaving:
                 return  # not acknowledged: the broker keeps it for our next session
             self._unacked += 1
+            self._last_input = time.monotonic()
             self._working[route.name] = self._working.get(route.name, 0) + 1
             generation = self._generation
         props = getattr(msg, "properties", None)
