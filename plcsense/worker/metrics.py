@@ -76,7 +76,7 @@ class Metrics:
         )
         self.latency = Histogram(
             "plcsense_message_latency_seconds",
-            "Receipt to result publish, per message",
+            "Receipt to result, per message (taken when the result is built, just before it is handed to MQTT)",
             ["route"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
