@@ -71,6 +71,27 @@ def test_cut_points_and_unfreezing_keep_batchnorm_frozen():
 
 
 @needs_weights
+def test_the_tap_tells_apart_cuts_of_the_same_shape():
+    """Two cuts with equal shapes (InceptionV3's mixed4 and mixed7 are both 17 x 17 x 768): each cached activation
+    must be its own cut's, or fine-tuning from one depth trains on the other's features."""
+    import keras
+
+    from plcsense.training.image_select import Tap
+
+    pixels = keras.Input((None, None, 3))
+    a = keras.layers.Conv2D(8, 3, padding="same", name="cut_a")(pixels)
+    b = keras.layers.Conv2D(8, 3, padding="same", name="cut_b")(keras.layers.Activation("relu")(a))
+    c = keras.layers.Conv2D(16, 1, name="top")(b)
+    backbone = keras.Model(pixels, c)
+    tap = Tap("mobilenet_v2", backbone, ["cut_b", "cut_a"])
+    photos = np.random.default_rng(1).uniform(0, 255, (3, 40, 40, 3)).astype(np.uint8)
+    _, (got_b, got_a) = tap.run(photos)
+    inner = keras.Model(backbone.input, [backbone.get_layer("cut_b").output, backbone.get_layer("cut_a").output])
+    want_b, want_a = (np.asarray(x) for x in inner(photos.astype(np.float32) / 127.5 - 1.0))
+    np.testing.assert_allclose(got_b, want_b, rtol=0.02, atol=0.02)
+    np.testing.assert_allclose(got_a, want_a, rtol=0.02, atol=0.02)
+
+
 def test_local_weights_file_loads_and_mismatch_is_explained():
     a = build_backbone("mobilenet_v2", (96, 96, 3), str(WEIGHTS))
     b = build_backbone("mobilenet_v2", (96, 96, 3), None)

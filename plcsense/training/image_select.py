@@ -27,7 +27,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from plcsense.models.backbones import preprocessed, top_part, unfreeze_above
+from plcsense.models.backbones import BACKBONES, preprocessed, top_part, unfreeze_above
 from plcsense.quiet import LITERT_STARTUP, without_lines
 from plcsense.training.export import to_tflite
 
@@ -90,25 +90,32 @@ class Tap:
         *acts, maps = inner(preprocessed(arch, pixels))
         pooled = layers.Concatenate()([layers.GlobalAveragePooling2D()(maps), layers.GlobalMaxPooling2D()(maps)])
         started = time.perf_counter()
-        flatbuffer = to_tflite(keras.Model(pixels, [pooled, *acts]))
+        tapped = keras.Model(pixels, [pooled, *acts])
+        flatbuffer = to_tflite(tapped)
         with without_lines(LITERT_STARTUP):
             self._interpreter = Interpreter(model_content=flatbuffer, num_threads=None)
         self.convert_seconds = time.perf_counter() - started
-        outputs = self._interpreter.get_output_details()
-        order = {len(o["shape_signature"]): o["index"] for o in outputs if len(o["shape_signature"]) == 2}
-        self._pooled = order[2]
-        # LiteRT may list outputs in any order: the activations are told apart by their channel counts
-        self._acts = [
-            next(
-                o["index"]
-                for o in outputs
-                if len(o["shape_signature"]) == 4 and o["shape_signature"][-1] == a.shape[-1]
-            )
-            for a in acts
-        ]
         self._input = self._interpreter.get_input_details()[0]["index"]
+        self._pooled, *self._acts = self._match_outputs(tapped, BACKBONES[arch].min_size)
         self.rate = 0.0
         """Photos per second of the last run (224 px equivalent), for budget estimates."""
+
+    def _match_outputs(self, tapped: keras.Model, side: int) -> list[int]:
+        """LiteRT's output index of each of ``tapped``'s outputs. LiteRT may list outputs in any order and two cuts
+        can have the same shape (InceptionV3's mixed4 and mixed7: 17 x 17 x 768), so they are matched by their
+        values on one random photo."""
+        photo = np.random.default_rng(0).uniform(0, 255, (1, side, side, 3)).astype(np.float32)
+        expected = [np.asarray(x) for x in tapped(photo, training=False)]
+        self._interpreter.resize_tensor_input(self._input, photo.shape)
+        self._interpreter.allocate_tensors()
+        self._interpreter.set_tensor(self._input, photo)
+        self._interpreter.invoke()
+        got = {o["index"]: self._interpreter.get_tensor(o["index"]) for o in self._interpreter.get_output_details()}
+        matched = []
+        for want in expected:
+            same = [i for i, v in got.items() if v.shape == want.shape and i not in matched]
+            matched.append(min(same, key=lambda i: float(np.max(np.abs(got[i] - want)))))
+        return matched
 
     def run(self, pixels: np.ndarray, copy: int = 0, batch: int = 16) -> tuple[np.ndarray, list[np.ndarray]]:
         """Pooled features (n, 2c) float32 (mean, then max) and the cuts' activations (float16) of copy ``copy``."""
