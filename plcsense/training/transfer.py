@@ -273,6 +273,9 @@ class BackboneRun:
                 folds = self._folds()
                 self.selection = Selection(clock, folds)
                 clock.progress("data", "validation: %s", folds.describe)
+            elif len(kept.files) != len(self.pool.files):  # a photo unreadable now but not before: rows would shift
+                self.selection.skip("frozen", f"{side} px", "a photo could no longer be read (changed during the run?)")
+                continue
             pooled, acts = self.tap.run(pixels)
             clock.progress("frozen", "%d px features (%.0f photos/s at 224 px)", side, self.tap.rate)
             tried: set[frozenset] = set()
