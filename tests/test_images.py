@@ -267,6 +267,29 @@ def test_every_resolution_chooses_its_own_probe_settings(tmp_path):
         assert {t["weighting"] for t in here} == set(WEIGHTINGS), side
 
 
+def test_a_photo_unreadable_at_the_second_resolution_skips_it(tmp_path, monkeypatch):
+    """Rows of the second resolution's features must line up with the labels: a photo that can no longer be read
+    (replaced during the run) skips that resolution instead of shifting every photo after it."""
+    from plcsense.training import transfer
+
+    root = tmp_path / "photos"
+    write_image_folder(root, per_class=12, size=24)
+    load_pixels = transfer.load_pixels
+
+    def second_read_loses_one(photos, side):
+        pixels, kept = load_pixels(photos, side)
+        if side == 224:
+            return pixels[1:], kept.take(np.arange(1, len(kept.files)))
+        return pixels, kept
+
+    monkeypatch.setattr(transfer, "load_pixels", second_read_loses_one)
+    cfg = ImageTrainConfig(arch="mobilenet_v2", weights=None, fine_tune_layers=0, augment=None, time_budget=240)
+    train_images(root, tmp_path / "b", cfg)
+    selection = json.loads((tmp_path / "b" / "report" / "selection.json").read_text())
+    assert {t["resolution"] for t in selection["trials"]} == {32}
+    assert any(s["candidate"] == "224 px" and "no longer be read" in s["reason"] for s in selection["skipped"])
+
+
 def test_interrupted_selection_exports_the_best_model_so_far(parts, tmp_path, monkeypatch):
     """Ctrl-C in fine-tuning: the frozen probe chosen so far is exported, marked interrupted."""
     from plcsense.training import image_select

@@ -105,7 +105,8 @@ class Tap:
         can have the same shape (InceptionV3's mixed4 and mixed7: 17 x 17 x 768), so they are matched by their
         values on one random photo."""
         photo = np.random.default_rng(0).uniform(0, 255, (1, side, side, 3)).astype(np.float32)
-        expected = [np.asarray(x) for x in tapped(photo, training=False)]
+        outputs = tapped(photo, training=False)  # a model with one output (no cuts) gives a tensor, not a list
+        expected = [np.asarray(x) for x in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
         self._interpreter.resize_tensor_input(self._input, photo.shape)
         self._interpreter.allocate_tensors()
         self._interpreter.set_tensor(self._input, photo)
