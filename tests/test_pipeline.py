@@ -279,7 +279,7 @@ def test_control_replies_and_lost_qos0_answers_leave_no_bookkeeping_behind(broke
             transport._unacked += 1  # taken (settle() would count it answered once it had published)
         route = worker.pipeline.routes[0]
         queued = Inbound("plant/d1/pump", b"{}", delivery=Delivery(1, 0, 1, "pump"), route=route)
-        transport._track(60_000, queued, 0)
+        transport._track(60_000, queued)
         broker.restart()
         assert _until(lambda: transport._unacked == 0 and not transport._pending, timeout=20)
         dropped = {"route": "pump", "reason": "connection_lost"}

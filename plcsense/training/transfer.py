@@ -542,7 +542,9 @@ class BackboneRun:
                     "complete model: the best one that was is exported"
                 )
             self.selection.best = best
-        run.history = self.curves if best.stage == "fine-tune" else {}
+        if best.stage != "fine-tune":  # the probe ships: no fine-tuning curves describe it
+            self.curves = {}
+        run.history = self.curves
         if cfg.tensorboard:
             self._tensorboard(cfg.tensorboard)
         self.clock.progress("export", "exporting %s", ", ".join(f"{k} {v}" for k, v in best.settings.items()))
@@ -565,7 +567,7 @@ class BackboneRun:
             for step, trial in enumerate(self.selection.trials):
                 tf.summary.scalar(f"selection/{trial.stage}/val_accuracy", trial.accuracy, step=step)
                 tf.summary.scalar(f"selection/{trial.stage}/val_loss", trial.loss, step=step)
-            for name, values in (self.curves if self.ready_trial.stage == "fine-tune" else {}).items():
+            for name, values in self.curves.items():
                 for step, value in enumerate(values, 1):
                     tf.summary.scalar(f"fine_tune/{name}", value, step=step)
 

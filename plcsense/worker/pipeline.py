@@ -118,8 +118,8 @@ class Route:
     """The candidate's version policy: the setting's, until a promote or rollback ends the trial."""
     load_error: str | None = None
     refused: set[tuple[Path, tuple]] = field(default_factory=set)
-    """(folder, files stamp) of versions that failed a check: not loaded again until a file in it changes."""
-    """Version directories that failed a check: not retried (and not logged again) on every poll."""
+    """(folder, files stamp) of versions that failed a check: not retried (and not logged again) on every poll, only
+    once a file in the folder changes."""
     batcher: MicroBatcher[Inbound] | None = field(default=None, repr=False)
     decode_pool: ThreadPoolExecutor | None = field(default=None, repr=False)
     capture: Capture | None = field(default=None, repr=False)

@@ -182,7 +182,7 @@ class Transport:
         self._unacked = 0  # inputs received and not yet acknowledged
         metrics.inflight.set_function(lambda: self._unacked)  # read at scrape time, not set twice per input
         self._working: dict[str, int] = {}  # per route: inputs received and not yet answered
-        self._pending: dict[int, tuple[Inbound, int]] = {}  # outgoing publish mid -> the input it answers, its QoS
+        self._pending: dict[int, Inbound] = {}  # outgoing publish mid -> the input it answers
         self._early_acks: set[int] = set()  # PUBACKs that beat the bookkeeping after publish()
         self._unowed: set[int] = set()  # mids of our publishes that answer no input (control replies)
         self._draining = False
@@ -544,17 +544,17 @@ class Transport:
             self._dropped(inbound, "not_queued", f"publish to {answer.topic} failed ({mqtt.error_string(info.rc)})")
             self._abandon()
             return
-        self._track(info.mid, inbound, answer.qos)
+        self._track(info.mid, inbound)
 
     def _dropped(self, inbound: Inbound, reason: str, detail: str) -> None:
         self.metrics.answers_dropped.labels(inbound.delivery.route, reason).inc()
         self._warnings.log(logging.ERROR, f"drop:{reason}", "answer for %s not delivered: %s", inbound.topic, detail)
 
-    def _track(self, mid: int, inbound: Inbound, qos: int) -> None:
+    def _track(self, mid: int, inbound: Inbound) -> None:
         """Remember which input an outgoing answer is for, unless its PUBACK came first."""
         with self._lock:
             if mid not in self._early_acks:
-                self._pending[mid] = (inbound, qos)
+                self._pending[mid] = inbound
                 return
             self._early_acks.discard(mid)
         self._finish(inbound)
@@ -573,7 +573,8 @@ class Transport:
         """paho drops QoS 0 answers still queued when the answers connection goes, without an on_publish: release
         their inputs (QoS 0 too, so nothing is redelivered) or they would hold flow-control room for good."""
         with self._lock:
-            lost = [self._pending.pop(mid)[0] for mid, (_, qos) in list(self._pending.items()) if qos == 0]
+            # an answer goes out at its route's QoS (pipeline.result / error)
+            lost = [self._pending.pop(mid) for mid, i in list(self._pending.items()) if i.route.settings.qos == 0]
         for inbound in lost:
             self._dropped(inbound, "connection_lost", "a QoS 0 answer was still queued when the connection went")
             self._abandon()
@@ -586,7 +587,7 @@ class Transport:
             if mid not in self._pending:
                 self._early_acks.add(mid)
                 return
-            inbound = self._pending.pop(mid)[0]
+            inbound = self._pending.pop(mid)
         if getattr(reason, "is_failure", False):
             # MQTT 5: the broker refused our answer (not authorised...). Retrying cannot help and holding the input
             # would block flow control for good, so it is acknowledged, logged and counted.
