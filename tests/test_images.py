@@ -321,7 +321,10 @@ def test_ctrl_c_after_fine_tuning_won_reports_the_model_it_exports(parts, tmp_pa
         raise KeyboardInterrupt
 
     monkeypatch.setattr(BackboneRun, "_fine_tuning", won_then_interrupted)
-    cfg = ImageTrainConfig(arch="mobilenet_v2", weights=None, image_size=32, time_budget=240, name="parts")
+    cfg = ImageTrainConfig(
+        arch="mobilenet_v2", weights=None, image_size=32, time_budget=240, name="parts",
+        fine_tune_layers=10, fine_tune_epochs=2,  # one short depth: a fine-tuning trial is all this needs
+    )  # fmt: skip
     m = train_images(parts, tmp_path / "b", cfg).manifest
     selection = json.loads((tmp_path / "b" / "report" / "selection.json").read_text())
     assert m.metrics["interrupted"] == 1.0
