@@ -92,6 +92,28 @@ def test_the_tap_tells_apart_cuts_of_the_same_shape():
     np.testing.assert_allclose(got_a, want_a, rtol=0.02, atol=0.02)
 
 
+def test_fine_tuning_is_scored_at_one_epoch_count_for_every_fold():
+    """Each fold at its own best epoch would score this depth 0.9 (a lucky epoch per fold) against a probe start of
+    0.8; at any one epoch count the folds average at most 0.8, and the refit's epoch count is that one."""
+    from plcsense.training.image_select import FineTuneResult, common_epoch
+
+    def fold(start: float, accuracies: list[float]) -> FineTuneResult:
+        curves = {"val_accuracy": accuracies, "val_loss": [1 - a for a in accuracies]}
+        best = int(np.argmax([start, *accuracies]))
+        return FineTuneResult(max(start, *accuracies), 0.0, best, "epochs", curves, None, (start, 1 - start))
+
+    lucky = [fold(0.8, [1.0, 0.6, 0.7]), fold(0.8, [0.6, 1.0, 0.7]), fold(0.8, [0.7, 0.6, 0.9])]
+    assert np.mean([r.accuracy for r in lucky]) == pytest.approx(0.9667, abs=1e-4)
+    assert common_epoch(lucky) == (0, pytest.approx(0.8), pytest.approx(0.2))  # no count beats the start
+    # a depth that helps on every fold wins at the count where the mean is best; a fold that stopped early
+    # (after 2 epochs) counts with its last epoch beyond that
+    steady = [fold(0.8, [0.85, 0.9, 0.95, 0.9]), fold(0.8, [0.85, 0.9]), fold(0.8, [0.8, 0.9, 0.95, 0.95])]
+    epochs, accuracy, _ = common_epoch(steady)
+    assert epochs == 3 and accuracy == pytest.approx((0.95 + 0.9 + 0.95) / 3)
+    # one validation part: its own best epoch, as before
+    assert common_epoch([fold(0.8, [0.7, 0.9, 0.85])])[:2] == (2, pytest.approx(0.9))
+
+
 def test_local_weights_file_loads_and_mismatch_is_explained():
     a = build_backbone("mobilenet_v2", (96, 96, 3), str(WEIGHTS))
     b = build_backbone("mobilenet_v2", (96, 96, 3), None)

@@ -239,6 +239,38 @@ class FineTuneResult:
     curves: dict[str, list[float]]
     weights: list[np.ndarray] | None = None
     """Backbone then head weights at the best epoch (None when nothing beat the start)."""
+    start: tuple[float, float] | None = None
+    """(accuracy, loss) on the validation part before the first epoch: the head fine-tuning starts from."""
+
+    def at_epoch(self, epoch: int) -> tuple[float, float]:
+        """(accuracy, loss) on the validation part after ``epoch`` epochs (0: the start); a run that stopped
+        earlier counts with its last epoch."""
+        done = len(self.curves["val_accuracy"])
+        if epoch == 0 or done == 0:
+            assert self.start is not None
+            return self.start
+        i = min(epoch, done) - 1
+        return self.curves["val_accuracy"][i], self.curves["val_loss"][i]
+
+
+def common_epoch(results: list[FineTuneResult]) -> tuple[int, float, float]:
+    """(epochs, mean accuracy, mean loss): the one epoch count, 0 included, whose validation figures averaged
+    over the folds are best, and those means.
+
+    Each fold at its own best epoch would be a maximum over a dozen noisy measurements per fold, an estimate
+    that flatters fine-tuning against the probe it starts from (whose figure is no maximum) and describes no
+    model: the refit trains for one epoch count. With one validation part this is that part's best epoch.
+    """
+    longest = max(len(r.curves["val_accuracy"]) for r in results)
+    best: tuple[tuple[float, float], int, float, float] | None = None
+    for epoch in range(longest + 1):
+        figures = np.array([r.at_epoch(epoch) for r in results])
+        accuracy, loss = float(figures[:, 0].mean()), float(figures[:, 1].mean())
+        key = (round(accuracy, 4), -loss)
+        if best is None or key > best[0]:
+            best = (key, epoch, accuracy, loss)
+    assert best is not None
+    return best[1], best[2], best[3]
 
 
 class FineTuner:
@@ -360,8 +392,8 @@ class FineTuner:
             return FineTuneResult(math.nan, math.nan, epoch, stopped, curves, self.snapshot())
         if best is None:  # never better than where it started
             assert start_val is not None
-            return FineTuneResult(start_val[0], start_val[1], 0, stopped, curves, None)
-        best.stopped, best.curves = stopped, curves
+            return FineTuneResult(start_val[0], start_val[1], 0, stopped, curves, None, start_val)
+        best.stopped, best.curves, best.start = stopped, curves, start_val
         return best
 
     def _validate(self, batch_of: Callable, labels: np.ndarray, val: np.ndarray) -> tuple[float, float]:

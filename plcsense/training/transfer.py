@@ -41,6 +41,7 @@ from plcsense.training.image_select import (
     Probe,
     Tap,
     Trial,
+    common_epoch,
     flip,
     pooled_view,
     probe_trial,
@@ -360,7 +361,7 @@ class BackboneRun:
         started = clock.elapsed
         tuner = self._tuner(cut)
         copies = len(self.pooled)
-        accuracy, loss, best_epochs, stopped, epoch_seconds = [], [], [], [], []
+        results, epoch_seconds = [], []
         best_fold: tuple[tuple[float, float], list[np.ndarray]] | None = None
         curves: dict[str, list[float]] = {}
         for k, (train, val) in enumerate(selection.folds.pairs):
@@ -383,10 +384,7 @@ class BackboneRun:
                 patience=cfg.patience or 4, deadline=lambda seconds, end=fold_end: clock.elapsed + seconds > end,
                 on_epoch=on_epoch,
             )  # fmt: skip
-            accuracy.append(result.accuracy)
-            loss.append(result.loss)
-            best_epochs.append(result.best_epoch)
-            stopped.append(result.stopped)
+            results.append(result)
             if result.weights is not None and (best_fold is None or (result.accuracy, -result.loss) > best_fold[0]):
                 best_fold = ((result.accuracy, -result.loss), result.weights)
             if k == 0:
@@ -396,12 +394,15 @@ class BackboneRun:
                 self.backbone.set_weights(self.pretrained)
                 return None
         settings = dict(self.settings, depth=name, trainable_layers=tuner.trainable)
-        extra = {"best_epochs": best_epochs, "stopped": sorted(set(stopped))}
-        trial = selection.add(
-            Trial("fine-tune", settings, float(np.mean(accuracy)), float(np.mean(loss)), clock.elapsed - started, extra)
-        )
+        epochs, accuracy, loss = common_epoch(results)
+        extra = {
+            "epochs": epochs,
+            "best_epochs": [r.best_epoch for r in results],
+            "stopped": sorted({r.stopped for r in results}),
+        }
+        trial = selection.add(Trial("fine-tune", settings, accuracy, loss, clock.elapsed - started, extra))
         if trial is selection.best:
-            self.tuned = (cut, int(np.median(best_epochs)), float(np.mean(epoch_seconds)), best_fold)
+            self.tuned = (cut, epochs, float(np.mean(epoch_seconds)), best_fold)
             self.curves = curves
         self.backbone.set_weights(self.pretrained)
         return float(np.mean(epoch_seconds)) if epoch_seconds else None
