@@ -17,6 +17,7 @@ from plcsense.worker.metrics import Metrics
 from plcsense.worker.pipeline import Answer, Inbound, Pipeline
 from plcsense.worker.settings import Settings
 from tests.conftest import WINDOW, Collector, mqtt_client, publish_all, write_sensor_csv
+from tests.test_flow_control import wait_metric
 from tests.test_worker import readings
 
 
@@ -176,11 +177,44 @@ def test_shadow_candidate_reports_agreement_without_answering(tmp_path, broker, 
     publish_all(broker, "plant/d1/pump", [window_doc(i, shift=0.01 * i) for i in range(50)])
     assert out.wait_for_ids([str(i) for i in range(50)])
     assert {a.doc["model"]["version"] for a in out.answers.answers} == {"1"}
-    tried = worker.metric("plcsense_shadow_inputs_total", route="pump", version="2")
+    # the shadow runs after its batch is answered: its figures may trail the answers by a moment
+    tried = wait_metric(worker, "plcsense_shadow_inputs_total", 50, route="pump", version="2")
     agreed = worker.metric("plcsense_shadow_agreements_total", route="pump", version="2")
     assert tried == 50 and 0 <= agreed <= tried
     assert worker.metric("plcsense_shadow_score_difference_count", route="pump", version="2") == 50
     assert worker.metric("plcsense_inference_seconds_count", route="pump", model="pump", version="2") >= 1
+
+
+def test_a_shadow_candidate_runs_after_its_batch_is_answered(tmp_path, versions):
+    """The served answers never wait for the shadow: each candidate run sees its batch already answered."""
+    repo = tmp_path / "repo" / "pump"
+    repo.mkdir(parents=True)
+    publish_version(repo, versions["1"], "1")
+    publish_version(repo, versions["2"], "2")
+    answered: list[Answer] = []
+    settings = Settings(routes=[route(repo, version="1", candidate="2", full_windows=True, max_batch=8)])
+    pipeline = Pipeline(settings, Metrics(), lambda i, a: answered.append(a))
+    pipeline.load_models()
+    r = pipeline.routes[0]
+    seen: list[tuple[int, int]] = []  # (inputs the shadow has run so far, answers sent by then)
+    model = r.candidate.bundle.model
+    predict = model.predict
+
+    def shadow_predict(inputs: np.ndarray) -> np.ndarray:
+        seen.append(((seen[-1][0] if seen else 0) + len(inputs), len(answered)))
+        return predict(inputs)
+
+    model.predict = shadow_predict
+    try:
+        for i in range(40):
+            assert pipeline.handle(Inbound("plant/d1/pump", window_doc(i).encode(), route=r)) is None
+        deadline = time.monotonic() + 20
+        while (not seen or seen[-1][0] < 40) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seen and seen[-1][0] == 40 and len(answered) == 40
+        assert all(shadowed <= sent for shadowed, sent in seen), seen
+    finally:
+        pipeline.close()
 
 
 def test_canary_share_is_device_sticky_then_promote_and_rollback(tmp_path, broker, versions, run_worker, collectors):

@@ -7,6 +7,7 @@ when the input went on to inference; its answer then arrives through the ``on_an
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -507,11 +508,12 @@ class Pipeline:
     def _run_batch(self, batch: Sequence[Inbound]) -> None:
         """Run the decoded inputs of ``batch`` in one invoke; answer all of them in arrival order."""
         answers: list[Answer | None] = [i.decoding.result() if i.decoding else None for i in batch]
+        shadows: list[Callable[[], None]] = []
         try:
             ready = [k for k, answer in enumerate(answers) if answer is None]
             for serving in dict.fromkeys(batch[k].serving for k in ready):  # versions in arrival order
                 group = [k for k in ready if batch[k].serving is serving]
-                for k, answer in zip(group, self._infer([batch[k] for k in group]), strict=True):
+                for k, answer in zip(group, self._infer([batch[k] for k in group], shadows), strict=True):
                     answers[k] = answer
         except Exception as exc:  # a bug: each input still gets an answer, or it would hold flow control for good
             log.exception("route %s: unexpected failure in a batch of %d", batch[0].route.name, len(batch))  # type: ignore[union-attr]
@@ -523,8 +525,11 @@ class Pipeline:
         for inbound, answer in zip(batch, answers, strict=True):
             assert answer is not None
             self._on_answer(inbound, answer)
+        for shadow in shadows:  # after the answers: a shadow costs throughput, never the served answers' latency
+            shadow()
 
-    def _infer(self, batch: list[Inbound]) -> list[Answer]:
+    def _infer(self, batch: list[Inbound], shadows: list[Callable[[], None]]) -> list[Answer]:
+        """Answers for inputs of one version; a shadow candidate's run on the same inputs goes into ``shadows``."""
         route, serving = batch[0].route, batch[0].serving
         assert route is not None and serving is not None
         bundle = serving.bundle
@@ -533,8 +538,9 @@ class Pipeline:
             outputs = self._predict(route, bundle, inputs)
             if serving is route.candidate:
                 self.metrics.canary_inputs.labels(route.name, serving.version).inc(len(batch))
-            if route.candidate is not None and route.settings.candidate_mode == "shadow" and serving is route.serving:
-                self._shadow(route, route.candidate, inputs, outputs)
+            candidate = route.candidate
+            if candidate is not None and route.settings.candidate_mode == "shadow" and serving is route.serving:
+                shadows.append(functools.partial(self._shadow, route, candidate, serving, inputs, outputs))
         except Exception as exc:
             log.exception("inference failed for %s", bundle.label)
             return [self.error(i, ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}") for i in batch]
@@ -585,24 +591,27 @@ class Pipeline:
         self.metrics.batch_size.labels(*labels).observe(len(inputs))
         return outputs
 
-    def _shadow(self, route: Route, candidate: Serving, inputs: np.ndarray, served: np.ndarray) -> None:
-        """The candidate answers the same inputs for the metrics only: agreement, score difference, latency."""
+    def _shadow(
+        self, route: Route, candidate: Serving, serving: Serving, inputs: np.ndarray, served: np.ndarray
+    ) -> None:
+        """The candidate answers the same inputs as ``serving`` did (``served``), for the metrics only: agreement,
+        score difference, latency. A failure is logged and costs nothing else."""
         try:
             tried = self._predict(route, candidate.bundle, inputs)
+            manifest, old = candidate.bundle.manifest, serving.bundle.manifest
+            if manifest.task == "classification":  # the ood score, when a bundle has one, is not a class
+                tried, served = split_outputs(manifest, tried)[0], split_outputs(old, served)[0]
+                agree = np.argmax(tried, axis=1) == np.argmax(served, axis=1)
+                diff = np.abs(np.max(tried, axis=1) - np.max(served, axis=1))
+            else:
+                assert manifest.threshold is not None and old.threshold is not None
+                agree = (tried.mean(axis=1) > manifest.threshold) == (served.mean(axis=1) > old.threshold)
+                diff = np.abs(tried.mean(axis=1) - served.mean(axis=1))
         except Exception:
-            self._warnings.log(logging.ERROR, f"shadow:{route.name}", "route %s: shadow candidate failed", route.name)
+            self._warnings.log(
+                logging.ERROR, f"shadow:{route.name}", "route %s: shadow candidate failed", route.name, exc_info=True
+            )
             return
-        manifest = candidate.bundle.manifest
-        if manifest.task == "classification":
-            assert route.bundle is not None  # the ood score, when a bundle has one, is not a class
-            tried, served = split_outputs(manifest, tried)[0], split_outputs(route.bundle.manifest, served)[0]
-            agree = np.argmax(tried, axis=1) == np.argmax(served, axis=1)
-            diff = np.abs(np.max(tried, axis=1) - np.max(served, axis=1))
-        else:
-            assert manifest.threshold is not None and route.bundle is not None
-            old = route.bundle.manifest.threshold
-            agree = (tried.mean(axis=1) > manifest.threshold) == (served.mean(axis=1) > old)
-            diff = np.abs(tried.mean(axis=1) - served.mean(axis=1))
         m = self.metrics
         m.shadow_inputs.labels(route.name, manifest.version).inc(len(agree))
         m.shadow_agreements.labels(route.name, manifest.version).inc(int(agree.sum()))
