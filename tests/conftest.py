@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -175,6 +177,18 @@ def worker_config(
 ) -> tuple[Path, int]:
     settings = {**broker.mqtt_settings(), "client_id": client_id, "protocol": protocol, **mqtt_extra}
     return write_worker_config(path, settings, routes)
+
+
+def wait_metric(worker, name: str, at_least: float, timeout: float = 20, **labels: str) -> float:
+    """The metric's value once it reaches ``at_least`` (or the last value seen after ``timeout``)."""
+    deadline, value = time.monotonic() + timeout, 0.0
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            value = worker.metric(name, **labels)
+            if value >= at_least:
+                break
+        time.sleep(0.2)
+    return value
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ silent connection failures, wrong error codes and ignored inputs."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import struct
@@ -16,7 +15,7 @@ import pytest
 from PIL import Image
 
 from plcsense.harness import free_port, start_broker
-from tests.conftest import WINDOW, Collector, mqtt_client, publish_all
+from tests.conftest import WINDOW, Collector, mqtt_client, publish_all, wait_metric
 from tests.test_worker import readings, sensor_route, settled
 
 
@@ -24,18 +23,6 @@ def npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array.astype(np.float32))
     return buffer.getvalue()
-
-
-def wait_metric(worker, name: str, at_least: float, timeout: float = 20, **labels: str) -> float:
-    """The metric's value once it reaches ``at_least`` (or the last value seen after ``timeout``)."""
-    deadline, value = time.monotonic() + timeout, 0.0
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            value = worker.metric(name, **labels)
-            if value >= at_least:
-                break
-        time.sleep(0.2)
-    return value
 
 
 class PeakGauge:
@@ -154,6 +141,16 @@ def test_untrusted_broker_certificate_is_explained(tmp_path, tls_broker, sensor_
         assert status == 503 and "mqtt.ca_file" in body
     finally:
         other.stop()
+
+
+def test_a_wrong_password_is_named_as_the_cause(tls_broker, sensor_bundle, run_worker):
+    """paho hangs up after a refused CONNACK: that must not overwrite the refusal with "closed before accepting"."""
+    worker = run_worker(tls_broker, [sensor_route(sensor_bundle)], start=False, password="not-the-password")
+    worker.start(wait=False)
+    assert wait_metric(worker, "plcsense_mqtt_connect_failures_total", 2, reason="rejected") >= 2
+    status, body = worker.get("/readyz")
+    assert status == 503 and "check mqtt.username, mqtt.password" in body, body
+    assert worker.metric("plcsense_mqtt_connect_failures_total", reason="closed") == 0
 
 
 @pytest.mark.parametrize(

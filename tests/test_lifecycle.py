@@ -16,8 +16,7 @@ from plcsense.models.bundle import read_manifest, write_manifest
 from plcsense.worker.metrics import Metrics
 from plcsense.worker.pipeline import Answer, Inbound, Pipeline
 from plcsense.worker.settings import Settings
-from tests.conftest import WINDOW, Collector, mqtt_client, publish_all, write_sensor_csv
-from tests.test_flow_control import wait_metric
+from tests.conftest import WINDOW, Collector, mqtt_client, publish_all, wait_metric, write_sensor_csv
 from tests.test_worker import readings
 
 

@@ -69,6 +69,15 @@ def test_model_path_relative_to_config_file(tmp_path, monkeypatch):
         (("encoding: json", "encoding: json\n    qos: 2"), "routes.0.qos"),
         (("client_id: line3-worker", "client_id: line3-worker\n  tls_insecure: true"), "mqtt"),
         (("url: mqtt://127.0.0.1:1883", "url: mqtt://plc:secret@127.0.0.1:1883"), "mqtt"),
+        # values paho would accept and then fail on (a dead network thread, a reconnect loop without delay)
+        (("client_id: line3-worker", "client_id: line3-worker\n  keepalive_s: 70000"), "mqtt.keepalive_s"),
+        (("client_id: line3-worker", "client_id: line3-worker\n  session_expiry_s: 8589934592"), "mqtt.session"),
+        (("client_id: line3-worker", "client_id: line3-worker\n  reconnect_max_s: 0.4"), "mqtt.reconnect_max_s"),
+        (("client_id: line3-worker", "client_id: line3-worker\n  reconnect_min_s: 60"), "mqtt"),
+        # answers that could never be published, or would come back as inputs; a shared group in the filter
+        (("encoding: json", "encoding: json\n    result_topic: '{topic}/+'"), "routes.0.result_topic"),
+        (("encoding: json", "encoding: json\n    error_topic: '{topic}'"), "routes.0.error_topic"),
+        (("topic: plant/+/pump", "topic: $share/g/plant/+/pump"), "routes.0.topic"),
     ],
 )
 def test_invalid_settings_rejected(tmp_path, change, where):

@@ -12,7 +12,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.conftest import WINDOW, Collector, mqtt_client, publish_all
+from tests.conftest import WINDOW, Collector, mqtt_client, publish_all, wait_metric
 
 
 def sensor_route(bundle: Path, **extra: object) -> dict:
@@ -275,6 +275,10 @@ def test_reconnects_after_broker_restart(tmp_path, sensor_bundle, run_worker, co
         worker = run_worker(broker, [sensor_route(sensor_bundle, encoding="npy")], reconnect_max_s=2)
         window = io.BytesIO()
         np.save(window, np.asarray(readings(WINDOW), dtype=np.float32))
+        client = mqtt_client(broker)  # a PLC's last window, retained on its topic
+        client.publish("plant/r/pump", window.getvalue(), qos=1, retain=True).wait_for_publish(5)
+        client.disconnect()
+        assert wait_metric(worker, "plcsense_results_total", 1, route="pump") == 1
         broker.restart()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and worker.metric("plcsense_mqtt_connected") != 1:
@@ -282,8 +286,10 @@ def test_reconnects_after_broker_restart(tmp_path, sensor_bundle, run_worker, co
         out = Collector(broker, "plant/+/pump/result")
         collectors.append(out)
         publish_all(broker, "plant/x/pump", [window.getvalue()])
-        assert len(out.wait_for(1)) == 1
+        assert [r["topic"] for r in out.wait_for(1)] == ["plant/x/pump"]
         assert "disconnected from the broker" in worker.log()
+        # the re-subscription of the kept session did not replay the retained window as a new input
+        assert worker.metric("plcsense_results_total", route="pump") == 2
     finally:
         broker.stop()
 

@@ -35,11 +35,13 @@ class MqttSettings(_Section):
     key_file: Path | None = None
     tls_insecure: bool = False
     """Skip the server hostname check (only for brokers addressed by an IP their certificate lacks)."""
-    keepalive_s: int = Field(30, ge=5)
-    session_expiry_s: int = Field(7 * 24 * 3600, ge=0)
+    keepalive_s: int = Field(30, ge=5, le=65535)  # MQTT's two-byte field
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=0, le=2**32 - 1)
     """How long the broker keeps the session (and messages for it) while the worker is away (MQTT 5)."""
-    reconnect_min_s: float = Field(1.0, gt=0)
-    reconnect_max_s: float = Field(30.0, gt=0)
+    reconnect_min_s: int = Field(1, ge=1)
+    reconnect_max_s: int = Field(30, ge=1)
+    """Reconnect delays, doubling from min to max (whole seconds: paho rounds them down, and 0 would retry in a
+    tight loop)."""
     max_inflight: int = Field(64, ge=1, le=65535)
     """Messages delivered but not yet answered; sent to the broker as MQTT 5 Receive Maximum."""
     shared_group: str | None = None
@@ -82,6 +84,8 @@ class MqttSettings(_Section):
             raise ValueError("put credentials in mqtt.username / mqtt.password, not in the url")
         if not self.tls and (self.ca_file or self.cert_file or self.tls_insecure):
             raise ValueError("TLS settings given but the url is not mqtts://; use mqtts://host:8883")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError(f"reconnect_max_s {self.reconnect_max_s} is below reconnect_min_s {self.reconnect_min_s}")
         if self.shared_group and self.protocol != "5":
             raise ValueError("shared_group needs protocol 5")
         if self.password_file is not None:
@@ -182,6 +186,11 @@ class RouteSettings(_Section):
     @field_validator("topic")
     @classmethod
     def _valid_filter(cls, topic: str) -> str:
+        if topic.startswith(("$share/", "$queue/")):
+            raise ValueError(
+                f"{topic!r}: give the plain filter here and the group as mqtt.shared_group; the worker subscribes "
+                "as $share/<group>/<filter> itself"
+            )
         levels = topic.split("/")
         for i, level in enumerate(levels):
             if ("#" in level and (level != "#" or i != len(levels) - 1)) or ("+" in level and level != "+"):
@@ -193,6 +202,10 @@ class RouteSettings(_Section):
     def _template(cls, template: str) -> str:
         if "{topic}" not in template and "{route}" not in template:
             raise ValueError("template needs {topic} or {route}, e.g. '{topic}/result'")
+        if "+" in template or "#" in template:
+            raise ValueError(f"{template!r}: an answer goes to one topic; '+' and '#' are for filters")
+        if template == "{topic}":
+            raise ValueError("'{topic}' alone would answer on the input's own topic; e.g. '{topic}/result'")
         try:
             template.format(topic="t", route="r")
         except (KeyError, IndexError, ValueError) as exc:

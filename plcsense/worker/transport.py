@@ -185,6 +185,7 @@ class Transport:
         self._pending: dict[int, Inbound] = {}  # outgoing publish mid -> the input it answers
         self._early_acks: set[int] = set()  # PUBACKs that beat the bookkeeping after publish()
         self._unowed: set[int] = set()  # mids of our publishes that answer no input (control replies)
+        self._refused: set[mqtt.Client] = set()  # clients whose last CONNACK refused them
         self._draining = False
         self._leaving = False  # a shared-group member leaving for good: it answers everything it is still sent
         self._last_input = 0.0  # time.monotonic() of the last input taken
@@ -300,7 +301,7 @@ class Transport:
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             clean_session=None if v5 else not intake,
         )
-        client.reconnect_delay_set(min_delay=max(1, round(s.reconnect_min_s)), max_delay=round(s.reconnect_max_s))
+        client.reconnect_delay_set(min_delay=s.reconnect_min_s, max_delay=s.reconnect_max_s)
         if s.username:
             client.username_pw_set(s.username, s.password.get_secret_value() if s.password else None)
         if s.tls:
@@ -338,6 +339,7 @@ class Transport:
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
+            self._refused.add(client)  # paho hangs up next: that is not the "closed before CONNACK" case
             self._connection_failed(
                 "rejected",
                 f"the broker refused the connection ({reason}); check mqtt.username, mqtt.password and its ACL",
@@ -356,8 +358,11 @@ class Transport:
                 shared = bool(s.shared_group)
                 if shared:
                     topic = f"$share/{s.shared_group}/{topic}"
-                # No Local keeps our own results out; it is not allowed on shared subscriptions.
-                _, mid = client.subscribe(topic, options=SubscribeOptions(qos=route.settings.qos, noLocal=not shared))
+                # No Local keeps our own results out; it is not allowed on shared subscriptions. Retain handling 1:
+                # a retained reading is sent when the subscription is new, not again on every reconnect that
+                # re-subscribes a kept session (it would enter a window twice).
+                options = SubscribeOptions(qos=route.settings.qos, noLocal=not shared, retainHandling=1)
+                _, mid = client.subscribe(topic, options=options)
             else:
                 _, mid = client.subscribe(topic, qos=route.settings.qos)
             self._subscriptions[mid] = topic
@@ -370,6 +375,7 @@ class Transport:
 
     def _on_answers_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
+            self._refused.add(client)
             self._connection_failed("rejected", f"the broker refused the answers connection ({reason})")
             return
         self._answers_connected.set()
@@ -398,7 +404,10 @@ class Transport:
     def _on_disconnect(self, client: mqtt.Client, connected: Any, flags: Any, reason: Any, props: Any) -> None:
         """Either connection (``connected`` is its event, given to paho as user data)."""
         if not connected.is_set() and not self._draining:
-            self._closed_while_connecting(reason)
+            if client in self._refused:  # the refusal was reported, with its cause
+                self._refused.discard(client)
+            else:
+                self._closed_while_connecting(reason)
             return
         connected.clear()
         self.metrics.connected.set(0)
