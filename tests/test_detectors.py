@@ -79,6 +79,17 @@ def test_interface_raw_window_in_one_error_per_channel_out(tmp_path: Path) -> No
     np.testing.assert_allclose(numpy_errors, errors, rtol=1e-3, atol=1e-3)
 
 
+def test_a_channel_flat_below_float32_resolution_scores_the_same_in_numpy_and_keras() -> None:
+    """A spread of 1e-8 is below what the worker's float32 readings resolve and below Keras' Normalization floor
+    (1e-7): it counts as a constant channel, so calibration's numbers stay those of the exported model."""
+    values = plant(600)
+    values[:, 1] = 0.026 + 1e-8 * np.random.default_rng(3).normal(size=len(values))
+    calibrated = calibrate(values[:TRAIN_ROWS])
+    model = calibrated.detector.model()
+    errors = channel_errors(model, sliding_windows(values.astype(np.float32), model.input_shape[1]))
+    np.testing.assert_allclose(calibrated.detector.channel_scores(values), errors, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("risk", [1e-2, 1e-3])
 def test_scaled_chi2_threshold_matches_a_known_tail(risk: float) -> None:
     """Scores drawn from a known scaled chi-square: the fitted threshold sits at its true quantile and fresh

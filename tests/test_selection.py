@@ -81,9 +81,12 @@ def test_the_first_candidate_stays_unless_beaten_by_more_than_chance() -> None:
 def test_autoencoder_training_stops_at_the_deadline(caplog) -> None:
     runs = [plant(500, seed=2)]
     with caplog.at_level(logging.WARNING, logger="plcsense.training"):
-        fitted = _fit_autoencoder(AutoencoderSettings(window=16, epochs=50), runs, time.monotonic(), verbose=0)
+        fitted = _fit_autoencoder(
+            AutoencoderSettings(window=16, epochs=50), runs, time.monotonic(), verbose=0, keep_on_interrupt=False
+        )
     assert "time budget spent after epoch 1" in caplog.text
     assert np.isfinite(fitted.threshold) and fitted.window == 16
+    assert fitted.epochs_run == 1 and fitted.stopped == "time budget"
 
 
 def test_labelled_rows_split_runs_and_are_never_fitted_on() -> None:

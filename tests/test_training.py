@@ -180,6 +180,31 @@ def test_training_refuses_bad_data(tmp_path):
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "skab").is_dir(), reason="needs ../shared/data/skab (present in CI)")
+def test_sensor_csv_reader_keeps_only_sensor_columns_of_real_world_exports(tmp_path):
+    """Exports as PLC tools, Excel and pandas write them: epoch time stamps, an unnamed index column, a trailing
+    delimiter, a Windows-1252 unit in the header; and what must be refused with the column named."""
+    from plcsense.training.data import DataError, read_sensor_csv
+
+    pandas_style = tmp_path / "pandas.csv"
+    pandas_style.write_text(",timestamp,flow,temp\n0,1767225600,1.5,20.1\n1,1767225601,1.6,20.2\n")
+    table = read_sensor_csv(pandas_style)
+    assert table.columns == ["flow", "temp"] and table.times == ["1767225600", "1767225601"]
+    assert table.values.tolist() == [[1.5, 20.1], [1.6, 20.2]]
+    trailing = tmp_path / "trailing.csv"
+    trailing.write_bytes("Time;flow;temp \xb0C;\n1.0;1,5;20,1;\n2.0;1,6;20,2;\n".encode("cp1252"))
+    table = read_sensor_csv(trailing)
+    assert table.columns == ["flow", "temp °C"] and table.values.tolist() == [[1.5, 20.1], [1.6, 20.2]]
+    assert read_sensor_csv(pandas_style, columns=["timestamp", "flow"]).columns == ["timestamp", "flow"]
+    duplicate = tmp_path / "dup.csv"
+    duplicate.write_text("a;a;b\n1;2;3\n")
+    with pytest.raises(DataError, match=r"\['a'\] appear more than once"):
+        read_sensor_csv(duplicate)
+    gap = tmp_path / "gap.csv"
+    gap.write_text("flow;temp\n1;2\n3;\n")
+    with pytest.raises(DataError, match="column 'temp' at line 3"):
+        read_sensor_csv(gap)
+
+
 def test_skab_anomaly_free_trains(tmp_path):
     out = tmp_path / "pump"
     proc = plcsense(
@@ -224,6 +249,27 @@ def test_train_refuses_options_the_chosen_training_ignores(tmp_path, args, refus
     assert not (tmp_path / "b").exists()
 
 
+def test_ctrl_c_in_the_autoencoders_fit_exports_its_best_epoch_so_far(tmp_path, monkeypatch):
+    """Ctrl-C at the end of the third epoch of a fit nothing else would end soon: the best of the epochs done is
+    calibrated and exported, and the manifest and report say it was interrupted after two whole epochs."""
+    from plcsense.training import sensors
+
+    def interrupt_at_third(self, epoch, logs=None):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sensors._Deadline, "on_epoch_end", interrupt_at_third)
+    write_sensor_csv(tmp_path / "normal.csv", rows=300)
+    detector = sensors.AutoencoderSettings(window=16, epochs=500, patience=500, batch_size=16)
+    bundle = sensors.train_sensor_anomaly(
+        [tmp_path / "normal.csv"], tmp_path / "b", sensors.SensorTrainConfig(detector=detector)
+    )
+    m = load_bundle(bundle.path).manifest
+    assert m.metrics["interrupted"] == 1.0 and m.metrics["epochs_run"] == 2 and m.threshold > 0
+    calibration = json.loads((tmp_path / "b" / "report" / "selection.json").read_text())["calibration"]
+    assert calibration["stopped"] == "interrupted" and calibration["epochs_run"] == 2
+
+
 def test_autoencoder_takes_its_training_options(tmp_path):
     write_sensor_csv(tmp_path / "normal.csv", rows=300)
     args = ["--detector", "autoencoder", "--window", "16", "--epochs", "1", "--batch-size", "16", "--seed", "7"]
@@ -253,3 +299,10 @@ def test_alarm_scores_match_hand_counts():
     assert scores["precision"] == pytest.approx(2 / 3) and scores["recall"] == pytest.approx(2 / 5)
     quiet = alarm_scores(np.zeros(4, bool), np.zeros(4, bool))  # nothing to find, nothing flagged
     assert quiet == {"f1": 0.0, "far": 0.0, "mar": 0.0, "precision": 0.0, "recall": 0.0}
+
+
+def test_a_labelled_file_shorter_than_the_window_is_counted_not_scored():
+    from plcsense.training.anomaly_eval import RowVerdicts, summarise
+
+    short = RowVerdicts("short.csv", 26, np.zeros(0), np.zeros(0, bool), np.zeros(0, bool), None)
+    assert summarise([short]) == {"n": 0, "anomalies": 0, "anomaly_rate": 0.0}

@@ -9,6 +9,7 @@ benchmark reports, side by side, because a detector is only as good as the alarm
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_
 from plcsense.models.bundle import Bundle, SensorSpec
 from plcsense.models.runtime import predict_all
 from plcsense.training.data import DataError, SensorTable, read_sensor_csv, sliding_windows
+
+log = logging.getLogger("plcsense.training")
 
 PREDICTION_COLUMNS = ("file", "row", "timestamp", "score", "predicted", "label")
 
@@ -81,7 +84,7 @@ def summarise(verdicts: list[RowVerdicts]) -> dict[str, float]:
         "anomalies": int(predicted.sum()),
         "anomaly_rate": float(predicted.mean()) if len(predicted) else 0.0,
     }
-    if verdicts and all(v.labels is not None for v in verdicts):
+    if len(predicted) and all(v.labels is not None for v in verdicts):  # no judged row: nothing to score
         result |= alarm_scores(np.concatenate([v.labels for v in verdicts]), predicted)  # type: ignore[misc]
     return result
 
@@ -102,6 +105,10 @@ def evaluate_anomaly(bundle: Bundle, data: Path, *, label_column: str = "anomaly
         judge_rows(bundle, read_sensor_csv(path, columns=spec.channels, label_column=label_column), str(path))
         for path in sensor_files(data)
     ]
+    short = [v.file for v in verdicts if not len(v.scores)]
+    if short:
+        log.warning("%d file(s) shorter than the model's window of %d rows, not judged: %s", len(short), spec.window,
+                    ", ".join(short[:5]))  # fmt: skip
     return summarise(verdicts), verdicts
 
 

@@ -20,8 +20,11 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def varies(std: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """Channels whose spread is more than rounding noise relative to their level (a constant channel does not)."""
-    return std > 1e-9 * np.maximum(1.0, np.abs(mean))
+    """Channels whose spread is more than rounding noise relative to their level (a constant channel does not).
+
+    The bar is float32's: the worker feeds float32 readings (resolution ~6e-8 of the level) and Keras'
+    Normalization floors a spread at 1e-7, so a smaller spread would be scored one way here and another there."""
+    return std > 1e-6 * np.maximum(1.0, np.abs(mean))
 
 
 def channel_stats(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +98,8 @@ def load_image_folder(root: Path, spec: ImageSpec, classes: list[str] | None = N
 
 
 TIME_COLUMNS = ("datetime", "timestamp", "time", "date")
-"""Header names (any case) of the column kept as the rows' time stamps, e.g. in per-row predictions."""
+"""Header names (any case) of the column kept as the rows' time stamps, e.g. in per-row predictions; never a
+channel unless ``--columns`` names it (epoch seconds are numbers, but a model of them learns the clock)."""
 
 
 @dataclass
@@ -130,14 +134,22 @@ def read_sensor_csv(
 ) -> SensorTable:
     """Read a CSV with a header row; keep numeric columns (or ``columns``), drop timestamps and text."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:  # Excel and many PLC tools on Windows write their code page ("°C" as one byte)
+        text = raw.decode("cp1252", errors="replace")
+        log.warning("%s is not UTF-8; read as Windows-1252 (save it as UTF-8 to be sure of its header)", path)
     delimiter = sniff_delimiter(text[:8192])
     rows = list(csv.reader(text.splitlines(), delimiter=delimiter))
     if len(rows) < 2:
         raise DataError(f"{path}: needs a header row and at least one data row")
     header = [h.strip() for h in rows[0]]
+    repeated = sorted({h for h in header if h and header.count(h) > 1})
+    if repeated:
+        raise DataError(f"{path}: column name(s) {repeated} appear more than once; give every column its own name")
     body = [r for r in rows[1:] if any(cell.strip() for cell in r)]
     if any(len(r) != len(header) for r in body):
         bad = next(i for i, r in enumerate(body, 2) if len(r) != len(header))
@@ -156,8 +168,9 @@ def read_sensor_csv(
             raise DataError(f"{path}: no column(s) {missing}; the header has {header}")
         chosen = columns
     else:
-        skip = {label_column, *ignore}
-        chosen = [h for h in header if h not in skip and column(h) is not None]
+        # unnamed columns are a writer's row index (pandas) or a trailing delimiter, not sensors
+        skip = {label_column, *ignore, ""}
+        chosen = [h for h in header if h not in skip and h.lower() not in TIME_COLUMNS and column(h) is not None]
         if not chosen:
             raise DataError(f"{path}: no numeric columns found (delimiter {delimiter!r})")
     data = []
@@ -168,8 +181,10 @@ def read_sensor_csv(
         data.append(values)
     values = np.stack(data, axis=1)
     if not np.all(np.isfinite(values)):
-        row = int(np.argwhere(~np.isfinite(values))[0][0]) + 2
-        raise DataError(f"{path}: empty or non-finite value at line {row}; clean or interpolate it first")
+        row, col = (int(i) for i in np.argwhere(~np.isfinite(values))[0])
+        raise DataError(
+            f"{path}: empty or non-finite value in column {chosen[col]!r} at line {row + 2}; clean or interpolate it"
+        )
     labels = None
     if label_column and label_column in header:
         raw = column(label_column)

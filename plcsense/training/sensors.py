@@ -144,6 +144,8 @@ class FittedAutoencoder:
     tail: TailFit
     fit_windows: int
     calibration_windows: np.ndarray
+    epochs_run: int = 0
+    stopped: str = "epochs"  # "epochs", "early stopping", "time budget" or "interrupted" (Ctrl-C)
 
     def scores(self, run: np.ndarray) -> np.ndarray:
         if len(run) < self.window:
@@ -158,6 +160,8 @@ class FittedAutoencoder:
             "rule": "scaled chi-square tail of the errors of held-out normal windows (the last part of each run)",
             "fit_windows": self.fit_windows,
             "calibration_windows": len(self.calibration_windows),
+            "epochs_run": self.epochs_run,
+            "stopped": self.stopped,
             "tail": self.tail.as_dict(),
         }
 
@@ -172,16 +176,19 @@ class _Deadline(keras.callbacks.Callback):
     def __init__(self, deadline: float) -> None:
         super().__init__()
         self.deadline = deadline
+        self.spent = False
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if time.monotonic() > self.deadline:
             log.warning("time budget spent after epoch %d: keeping the best weights so far", epoch + 1)
-            self.model.stop_training = True
+            self.model.stop_training = self.spent = True
 
 
 def _fit_autoencoder(
-    s: AutoencoderSettings, runs: list[np.ndarray], deadline: float, verbose: int
+    s: AutoencoderSettings, runs: list[np.ndarray], deadline: float, verbose: int, keep_on_interrupt: bool
 ) -> FittedAutoencoder:
+    """Train on the first part of each run, stop early on (and calibrate with) the rest; Ctrl-C keeps the best
+    epoch so far when ``keep_on_interrupt`` (the final fit; during selection it ends the search instead)."""
     window = s.window
     fit_parts, calib_parts = [], []
     for run in runs:
@@ -201,26 +208,35 @@ def _fit_autoencoder(
     autoencoder, scorer = dense_autoencoder(window, mean, std)
     autoencoder.compile(optimizer=keras.optimizers.Adam(s.learning_rate), loss="mse")
     fit_n, calib_n = (fit - mean) / std, (calib - mean) / std
-    autoencoder.fit(
-        fit_n,
-        fit_n,
-        validation_data=(calib_n, calib_n),
-        epochs=s.epochs,
-        batch_size=s.batch_size,
-        verbose=verbose,
-        callbacks=[keras.callbacks.EarlyStopping(patience=s.patience, restore_best_weights=True), _Deadline(deadline)],
-    )
+    early, budget = keras.callbacks.EarlyStopping(patience=s.patience, restore_best_weights=True), _Deadline(deadline)
+    history = keras.callbacks.History()
+    try:
+        autoencoder.fit(
+            fit_n, fit_n, validation_data=(calib_n, calib_n), epochs=s.epochs, batch_size=s.batch_size,
+            verbose=verbose, callbacks=[early, budget, history],
+        )  # fmt: skip
+        stopped = "time budget" if budget.spent else "early stopping" if early.stopped_epoch else "epochs"
+    except KeyboardInterrupt:
+        if not keep_on_interrupt or early.best_weights is None:  # selection's to handle, or nothing to keep
+            raise
+        log.warning("interrupted: keeping the best weights so far")
+        autoencoder.set_weights(early.best_weights)
+        stopped = "interrupted"
     errors = channel_errors(scorer, calib.astype(np.float32)).mean(axis=1)
     tail = scaled_chi2_threshold(errors, s.risk)
-    return FittedAutoencoder(scorer, tail.threshold, window, mean, std, tail, len(fit), calib)
+    epochs_run = len(history.history.get("loss", []))
+    return FittedAutoencoder(scorer, tail.threshold, window, mean, std, tail, len(fit), calib, epochs_run, stopped)
 
 
-def fit_candidate(candidate: object, runs: list[np.ndarray], deadline: float, verbose: int = 0) -> Fitted:
-    """Fit and calibrate one candidate on normal runs (a ValueError says why it cannot use them)."""
+def fit_candidate(
+    candidate: object, runs: list[np.ndarray], deadline: float, verbose: int = 0, final: bool = False
+) -> Fitted:
+    """Fit and calibrate one candidate on normal runs (a ValueError says why it cannot use them); ``final``: the
+    fit that is exported, which Ctrl-C ends with the best weights so far."""
     if isinstance(candidate, ARSettings):
         return FittedAR(calibrate(runs, candidate))
     assert isinstance(candidate, AutoencoderSettings)
-    return _fit_autoencoder(candidate, runs, deadline, verbose)
+    return _fit_autoencoder(candidate, runs, deadline, verbose, keep_on_interrupt=final)
 
 
 # ----------------------------------------------------------------------------- training
@@ -294,7 +310,7 @@ def train_anomaly_tables(tables: list[SensorTable], out: Path, cfg: SensorTrainC
     detector, selection = choose(runs, cfg, started)
     log.info("fitting %s on all %d normal rows", detector.describe(), rows)
     try:
-        fitted = fit_candidate(detector, runs, started + cfg.time_budget, verbose=2)
+        fitted = fit_candidate(detector, runs, started + cfg.time_budget, verbose=2, final=True)
     except ValueError as exc:
         raise DataError(str(exc)) from None
 
@@ -314,6 +330,13 @@ def train_anomaly_tables(tables: list[SensorTable], out: Path, cfg: SensorTrainC
         manifest.metrics.update({"train_rows": rows, "train_windows": len(held)})
     else:
         manifest.metrics.update({"train_windows": fitted.fit_windows, "calibration_windows": len(held)})
+        manifest.metrics.update(
+            {"epochs_run": fitted.epochs_run, "stopped_by_time_budget": float(fitted.stopped == "time budget")}
+        )
+    if (selection is not None and selection.interrupted) or (
+        isinstance(fitted, FittedAutoencoder) and fitted.stopped == "interrupted"
+    ):
+        manifest.metrics["interrupted"] = 1.0
     if selection is not None:
         won = selection.winner
         manifest.metrics.update({"validation_detection": won.detection, "validation_false_alarms": won.false_alarms})

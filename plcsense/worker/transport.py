@@ -376,7 +376,11 @@ class Transport:
     def _on_answers_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
             self._refused.add(client)
-            self._connection_failed("rejected", f"the broker refused the answers connection ({reason})")
+            self._connection_failed(
+                "rejected",
+                f"the broker refused the answers connection ({reason}); check mqtt.username, mqtt.password and its "
+                "ACL (it connects as <client_id>-answers)",
+            )
             return
         self._answers_connected.set()
         self.metrics.connected.set(int(self._connected.is_set()))
