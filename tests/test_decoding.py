@@ -65,6 +65,7 @@ def test_json_object_with_id_ts_and_named_channels():
         (b'"text"', "invalid_json"),
         (b'{"id": 1}', "invalid_json"),
         (b'{"data": [1, 2], "ts": [1]}', "invalid_json"),
+        (b'{"data": [1, 2], "ts": 1e400}', "invalid_json"),  # no time: it would skip the late/duplicate checks
         (b"[1, 2, 3]", "bad_shape"),
         (b"[[1, 2], [3]]", "bad_shape"),
         (b'["a", "b"]', "bad_shape"),

@@ -179,9 +179,9 @@ class RouteSettings(_Section):
     shared between workers (``mqtt.shared_group``); single readings are refused with ``bad_shape``."""
     decode_threads: int = Field(2, ge=1, le=64)
     """Image routes: images decoded at once, off the MQTT network thread."""
-    max_image_pixels: int | None = Field(None, ge=1)
+    max_image_pixels: int | None = Field(None, ge=1, le=128_000_000)
     """Image routes: images declaring more pixels are refused (``image_too_large``) before decoding.
-    Default: 64 x the model's input, at least 4096 x 4096."""
+    Default: 64 x the model's input, at least 4096 x 4096; at most 128 million (Pillow's own limit)."""
 
     @field_validator("topic")
     @classmethod

@@ -77,7 +77,9 @@ def checked_ts(ts: Any) -> float | str | None:
         value = float(ts)
     except OverflowError:
         value = math.inf
-    return value if math.isfinite(value) else None
+    if not math.isfinite(value):  # 1e400 in JSON: no time at all, and it would skip the late/duplicate checks
+        raise InputError(ErrorCode.INVALID_JSON, f'"ts" {str(ts)[:40]} is not a finite number')
+    return value
 
 
 def as_tensor(data: Any, spec: SensorSpec | ImageSpec) -> np.ndarray:
