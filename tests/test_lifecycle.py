@@ -325,6 +325,27 @@ def test_capture_stays_bounded_and_trains_after_labelling(
     assert sorted(bundle.manifest.labels) == sorted(p.name for p in image_data.iterdir())
 
 
+def test_captures_land_where_training_reads_them():
+    """Every image format the worker decodes is saved under a suffix ``train images`` reads, and each answer's input
+    goes to the folder of its verdict: a sensor classifier's label, an anomaly detector's normal/anomaly."""
+    import io
+
+    from PIL import Image
+
+    from plcsense.training.data import IMAGE_SUFFIXES
+    from plcsense.worker.capture import _folder, _image_suffix
+
+    for fmt in ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "PPM"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (90, 120, 30)).save(buffer, format=fmt)
+        assert f".{_image_suffix(buffer.getvalue())}" in IMAGE_SUFFIXES, fmt
+    assert _folder({"label": "stuck", "score": 0.9}) == "stuck"  # a sensor classifier's window
+    assert _folder({"is_anomaly": True, "score": 3.0}) == "anomaly"
+    assert _folder({"is_anomaly": False, "score": 0.1}) == "normal"
+    assert _folder({"label": "stuck", "unknown": True}) == "unknown"
+    assert _folder({"label": ".."}) == "unlabelled" and _folder({"label": "a/b"}) == "a_b"
+
+
 def test_version_folder_must_match_the_manifest_and_a_trial_can_end(tmp_path, versions):
     repo = tmp_path / "repo" / "pump"
     repo.mkdir(parents=True)

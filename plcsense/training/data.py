@@ -16,7 +16,7 @@ from plcsense.models.inputs import InputError, load_image_file
 
 log = logging.getLogger("plcsense.training")
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm", ".pnm"}
 
 
 def varies(std: np.ndarray, mean: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Capture for retraining: inputs whose answer is uncertain, or a sampled share of all, written where an engineer
 labels them (by moving files between class folders) and runs ``plcsense train`` on the folder as it is.
 
-Layout: ``<dir>/<predicted label>/<time>-<n>.<png|jpg|bmp|csv>`` (anomaly routes: ``normal/`` and ``anomaly/``),
+Layout: ``<dir>/<predicted label>/<time>-<n>.<png|jpg|bmp|tif|webp|pnm|csv>`` (anomaly routes: ``normal/`` and
+``anomaly/``; inputs flagged unknown: ``unknown/``),
 plus one ``results.jsonl`` line per file with the answer it got. Bounded in files and bytes; writing happens on a
 thread of its own behind a bounded queue, so a slow disk drops captures (counted) instead of slowing answers.
 """
@@ -24,14 +25,30 @@ from plcsense.worker.settings import CaptureSettings
 
 log = logging.getLogger("plcsense.worker")
 
-_IMAGE_TYPES = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpg", b"BM": "bmp"}
+_IMAGE_TYPES = {
+    b"\x89PNG": "png", b"\xff\xd8\xff": "jpg", b"BM": "bmp", b"II*\x00": "tif", b"MM\x00*": "tif",
+    **{f"P{n}".encode(): "pnm" for n in range(1, 7)},
+}  # fmt: skip
 
 
 def _image_suffix(payload: bytes) -> str:
+    """The file suffix ``plcsense train images`` reads this image by (every format the worker decodes)."""
+    if payload[:4] == b"RIFF" and payload[8:12] == b"WEBP":
+        return "webp"
     for magic, suffix in _IMAGE_TYPES.items():
         if payload.startswith(magic):
             return suffix
     return "img"
+
+
+def _folder(doc: dict[str, Any]) -> str:
+    """Where an answer's input goes: its predicted class (the folder a retrain reads it from)."""
+    if doc.get("unknown"):
+        return "unknown"
+    if "is_anomaly" in doc:
+        return "anomaly" if doc["is_anomaly"] else "normal"
+    name = str(doc.get("label", "unlabelled")).replace("/", "_").replace("\x00", "_")
+    return name if name not in ("", ".", "..") else "unlabelled"
 
 
 def _csv(window: np.ndarray, channels: list[str]) -> bytes:
@@ -78,10 +95,9 @@ class Capture:
             return
         if channels is not None and window is not None:
             data, suffix = _csv(window, channels), "csv"
-            folder = "anomaly" if doc.get("is_anomaly") else "normal"
         else:
             data, suffix = payload, _image_suffix(payload)
-            folder = "unknown" if doc.get("unknown") else str(doc.get("label", "unlabelled"))
+        folder = _folder(doc)
         if self._bytes + len(data) > s.max_bytes:
             self._outcomes["full"].inc()
             return
@@ -103,12 +119,12 @@ class Capture:
         while True:
             folder, name, data, doc = self._queue.get()
             try:
-                target = self.settings.dir / folder.replace("/", "_")
+                target = self.settings.dir / folder
                 target.mkdir(exist_ok=True)
                 (target / name).write_bytes(data)
                 with (self.settings.dir / "results.jsonl").open("a") as results:
                     results.write(json.dumps({"file": f"{target.name}/{name}", **doc}) + "\n")
                 self._outcomes["written"].inc()
-            except OSError as exc:
+            except Exception as exc:  # the writer thread must outlive any one capture
                 self._outcomes["dropped"].inc()
                 log.error("route %s: cannot write a capture to %s: %s", self.route, self.settings.dir, exc)
