@@ -369,6 +369,22 @@ def test_version_folder_must_match_the_manifest_and_a_trial_can_end(tmp_path, ve
     pipeline.close()
 
 
+def test_a_version_or_candidate_on_a_single_bundle_is_refused_with_the_reason(tmp_path, versions):
+    """``model`` naming one bundle has no versions: a pinned version would silently serve that bundle, and a
+    candidate would shadow the model against itself."""
+    bundle = tmp_path / "pump-bundle"
+    shutil.copytree(versions["1"], bundle)
+    pipeline = Pipeline(Settings(routes=[route(bundle, version="2")]), Metrics(), lambda i, a: None)
+    pipeline.load_models()
+    assert pipeline.routes[0].serving is None and "version '2' cannot apply" in pipeline.routes[0].load_error
+    pipeline.close()
+    pipeline = Pipeline(Settings(routes=[route(bundle, candidate="latest")]), Metrics(), lambda i, a: None)
+    pipeline.load_models()
+    r = pipeline.routes[0]
+    assert r.serving is not None and r.candidate is None  # the model serves; the candidate is refused
+    pipeline.close()
+
+
 def test_a_refused_rollback_says_so_and_a_new_copy_of_a_refused_version_is_tried_again(tmp_path, versions):
     repo = tmp_path / "repo" / "pump"
     repo.mkdir(parents=True)

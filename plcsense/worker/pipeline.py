@@ -283,7 +283,7 @@ class Pipeline:
         one is refused (None only when nothing could ever be loaded)."""
         r, what = route.settings, "candidate" if candidate else "model"
         try:
-            path = repository.resolve(r.model, policy)
+            path = repository.resolve(r.model, policy, candidate=candidate)
         except (BundleError, OSError) as exc:  # OSError: the repository cannot be listed (a lost network mount)
             return self._refused(route, current, str(exc), what)
         try:

@@ -30,10 +30,17 @@ def versions(entry: Path) -> list[str]:
     return sorted(found, key=_order)
 
 
-def resolve(model: Path, policy: str = LATEST) -> Path:
+def resolve(model: Path, policy: str = LATEST, *, candidate: bool = False) -> Path:
     """The bundle directory a route serves: ``model`` itself when it is a bundle, else the version ``policy``
-    picks from the repository entry ``model``."""
+    picks from the repository entry ``model``. Versions and candidates need an entry: a single bundle has none
+    to pick, and would only shadow itself."""
     if is_bundle(model):
+        if candidate or policy != LATEST:
+            what = f"candidate {policy!r}" if candidate else f"version {policy!r}"
+            raise BundleError(
+                f"{model} is one bundle, not a repository entry, so {what} cannot apply; point model at "
+                f"<repo>/<name>, whose subfolders are the versions"
+            )
         return model
     available = versions(model)
     if not available:
