@@ -78,6 +78,29 @@ def test_the_first_candidate_stays_unless_beaten_by_more_than_chance() -> None:
     assert chosen.winner is chosen.trials[0]
 
 
+def test_a_gain_of_nothing_but_rounding_does_not_replace_the_first() -> None:
+    """Two candidates that detect the same faults (none here) leave a standard error of 0: a false-alarm rate lower
+    by one window in hundreds must not count as a clear gain."""
+
+    class Flat:
+        threshold, window = 1.0, 5
+
+        def __init__(self, one_alarm: bool) -> None:
+            self.one_alarm = one_alarm
+
+        def scores(self, run: np.ndarray) -> np.ndarray:
+            out = np.zeros(len(run) - self.window + 1)
+            out[0] = 2.0 if self.one_alarm else 0.0  # the first validation window, never a fault's
+            return out
+
+    first, second = ARSettings(), ARSettings(ridge=2e-4)
+    candidates = [("first", first), ("second", second)]
+    chosen = select([plant(600, seed=5)], candidates, lambda c, runs, deadline: Flat(c is first), time_budget=60)
+    a, b = chosen.trials
+    assert b.gain_over_first > 0 and b.gain_se == 0 and a.detection == b.detection == 0
+    assert chosen.winner is a
+
+
 def test_autoencoder_training_stops_at_the_deadline(caplog) -> None:
     runs = [plant(500, seed=2)]
     with caplog.at_level(logging.WARNING, logger="plcsense.training"):

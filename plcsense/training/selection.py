@@ -10,10 +10,11 @@ calibrated (its own threshold rule) on the first ``1 - validation_split`` of the
   that throttles, a sensor that drifts off, a bearing that starts to rub). Windows from the fault's first reading
   on count, so a detector that reacts late loses detection.
 
-The criterion is Youden's J = detection - false alarms (both rates in [0, 1]); the highest wins, ties go to
-the earlier (cheaper) candidate. The winner is then fitted again on all normal rows. Candidates run cheapest
-first; one that would start after the budget is spent is skipped and listed as such, and Ctrl-C stops the
-search with the best candidate so far. No label is read.
+The criterion is Youden's J = detection - false alarms (both rates in [0, 1]). The first candidate is the
+default; another replaces it only when its J is higher by more than ``min_gain_se`` standard errors of the paired
+difference and by ``min_gain`` (the highest such wins). The winner is then fitted again on all normal rows.
+Candidates run cheapest first; one that would start after the budget is spent is skipped and listed as such, and
+Ctrl-C stops the search with the best candidate so far. No label is read.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class SelectionSettings:
     validation_split: float = 0.3  # last part of the normal rows, in time, that candidates are judged on
     shifts: tuple[float, ...] = (2.0, 4.0)  # injected level shifts, in standard deviations of the channel
     min_gain_se: float = 2.0  # how many standard errors a candidate must beat the first (default) one by
+    min_gain: float = 0.01  # and by at least this much J: identical detections leave a standard error of 0
 
 
 @dataclass
@@ -104,7 +106,7 @@ class Selection:
         if best is first:
             why = (
                 f"the first (default) candidate: no other beat its J of {first.criterion:.3f} by more than "
-                f"{settings.min_gain_se:g} standard error(s) of the difference"
+                f"{settings.min_gain_se:g} standard error(s) of the difference and {settings.min_gain:g}"
             )
         else:
             why = (
@@ -113,10 +115,12 @@ class Selection:
             )
         return {
             "criterion": "J = detection - false alarms on later normal rows, faults injected synthetically; "
-            "another candidate replaces the first only when its gain exceeds min_gain_se standard errors",
+            "another candidate replaces the first only when its gain exceeds min_gain_se standard errors and "
+            "min_gain",
             "validation_split": settings.validation_split,
             "injected_shifts_sd": list(settings.shifts),
             "min_gain_se": settings.min_gain_se,
+            "min_gain": settings.min_gain,
             "fit_rows": self.fit_rows,
             "validation_rows": self.validation_rows,
             "time_budget_s": time_budget,
@@ -246,7 +250,7 @@ def select(
     if not selection.trials:
         raise ValueError("no detector could be fitted: " + "; ".join(selection.skipped))
     # The first candidate is the default; another must beat it by more than chance on these few faults.
-    clear = [t for t in selection.trials[1:] if t.gain_over_first > s.min_gain_se * t.gain_se]
+    clear = [t for t in selection.trials[1:] if t.gain_over_first > max(s.min_gain_se * t.gain_se, s.min_gain)]
     selection.winner = max([selection.trials[0], *clear], key=lambda t: t.criterion)
     selection.chosen = dict(candidates)[selection.winner.candidate]
     selection.seconds = time.monotonic() - started

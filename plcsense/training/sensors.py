@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -65,6 +66,9 @@ class AutoencoderSettings:
 
 
 Detector = ARSettings | AutoencoderSettings
+
+MAX_SCORED_WINDOWS = 50_000
+"""Training windows the exported model scores for the manifest's training false-alarm rate, evenly spaced."""
 
 SHAPES = ((3, 5, 20), (3, 5, 10), (5, 10, 20), (3, 10, 20), (5, 5, 20))
 """(ar_order, mean_window, smooth) of the AR candidates: faster or slower to react, more or less smoothing."""
@@ -316,8 +320,11 @@ def train_anomaly_tables(tables: list[SensorTable], out: Path, cfg: SensorTrainC
 
     if isinstance(fitted, FittedAR):
         mean, std, score_name = fitted.calibrated.detector.mean, fitted.calibrated.detector.std, "ar_innovation"
-        held = np.concatenate([sliding_windows(r, fitted.window) for r in runs if len(r) >= fitted.window])
-        measured_on = "train"  # every training window: the rate the threshold leaves on the fitted data
+        long_runs = [r for r in runs if len(r) >= fitted.window]
+        windows = sum(len(r) - fitted.window + 1 for r in long_runs)
+        stride = math.ceil(windows / MAX_SCORED_WINDOWS)  # every window of a long recording would take gigabytes
+        held = np.concatenate([sliding_windows(r, fitted.window, stride) for r in long_runs])
+        measured_on = "train"  # training windows (every stride-th): the rate the threshold leaves on fitted data
     else:
         mean, std, score_name = fitted.mean, fitted.std, "mean_squared_error"
         held = fitted.calibration_windows
@@ -327,7 +334,7 @@ def train_anomaly_tables(tables: list[SensorTable], out: Path, cfg: SensorTrainC
         name=name, version=cfg.version, task="anomaly", input=spec, threshold=fitted.threshold, score=score_name
     )
     if isinstance(fitted, FittedAR):
-        manifest.metrics.update({"train_rows": rows, "train_windows": len(held)})
+        manifest.metrics.update({"train_rows": rows, "train_windows": windows, "scored_windows": len(held)})
     else:
         manifest.metrics.update({"train_windows": fitted.fit_windows, "calibration_windows": len(held)})
         manifest.metrics.update(
