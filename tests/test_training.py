@@ -177,9 +177,11 @@ def test_training_refuses_bad_data(tmp_path):
     proc = plcsense("train", "sensors", str(tmp_path / "s.csv"), "--out", str(tmp_path / "notes"))
     assert proc.returncode == 2 and "not a model bundle" in proc.stderr
     assert (tmp_path / "notes" / "keep.txt").exists()
+    (tmp_path / "faulty.csv").write_text("a;b;anomaly\n" + "".join(f"{i % 5};{i % 3};1\n" for i in range(200)))
+    proc = plcsense("train", "sensors", str(tmp_path / "faulty.csv"), "--out", str(tmp_path / "b"))
+    assert proc.returncode == 2 and "every row is labelled anomalous (anomaly = 1)" in proc.stderr
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "skab").is_dir(), reason="needs ../shared/data/skab (present in CI)")
 def test_sensor_csv_reader_keeps_only_sensor_columns_of_real_world_exports(tmp_path):
     """Exports as PLC tools, Excel and pandas write them: epoch time stamps, an unnamed index column, a trailing
     delimiter, a Windows-1252 unit in the header; and what must be refused with the column named."""
@@ -205,6 +207,7 @@ def test_sensor_csv_reader_keeps_only_sensor_columns_of_real_world_exports(tmp_p
         read_sensor_csv(gap)
 
 
+@pytest.mark.skipif(not (SHARED_DATA / "skab").is_dir(), reason="needs ../shared/data/skab (present in CI)")
 def test_skab_anomaly_free_trains(tmp_path):
     out = tmp_path / "pump"
     proc = plcsense(

@@ -30,7 +30,14 @@ import numpy as np
 from plcsense.models.architectures import dense_autoencoder
 from plcsense.models.bundle import Bundle, SensorSpec, new_manifest
 from plcsense.models.runtime import predict_all
-from plcsense.training.data import DataError, SensorTable, channel_stats, read_sensor_csv, sliding_windows
+from plcsense.training.data import (
+    DataError,
+    SensorTable,
+    channel_stats,
+    read_sensor_csv,
+    sliding_windows,
+    varies,
+)
 from plcsense.training.detectors import ARSettings, Calibrated, calibrate, channel_errors
 from plcsense.training.export import check_output_dir, export_bundle
 from plcsense.training.selection import Selection, SelectionSettings, select
@@ -293,6 +300,10 @@ def choose(runs: list[np.ndarray], cfg: SensorTrainConfig, started: float) -> tu
     candidates, unusable = _candidates(cfg)
     if not candidates:
         raise DataError("no detector takes this window: " + "; ".join(unusable))
+    rows = np.concatenate(runs)
+    if not varies(rows.std(axis=0), rows.mean(axis=0)).any():  # no fault to inject, nothing to choose by
+        log.warning("no channel varies in the normal rows: %s is used without selection", candidates[0][0])
+        return candidates[0][1], None
     log.info("choosing among %d detectors within %.0f s", len(candidates), cfg.time_budget)
     try:
         selection = select(
@@ -309,6 +320,11 @@ def train_anomaly_tables(tables: list[SensorTable], out: Path, cfg: SensorTrainC
     started = time.monotonic()
     runs = [run for t in tables for run in normal_runs(t) if len(run)]
     columns = tables[0].columns
+    if not runs:
+        raise DataError(
+            f"every row is labelled anomalous ({cfg.label_column} = 1): a detector learns normal operation; give it "
+            "rows labelled 0"
+        )
     rows = sum(len(r) for r in runs)
     log.info("%d channels (%s), %d normal rows in %d runs", len(columns), ", ".join(columns), rows, len(runs))
     detector, selection = choose(runs, cfg, started)
