@@ -385,6 +385,30 @@ def test_a_version_or_candidate_on_a_single_bundle_is_refused_with_the_reason(tm
     pipeline.close()
 
 
+def test_a_candidate_that_no_longer_fits_the_serving_version_is_set_aside(tmp_path, versions):
+    """The serving version moves on to another input (v3: a longer window): the shadow loaded beside v2 cannot run
+    on v3's inputs and is refused, instead of failing on every batch."""
+    repo = tmp_path / "repo" / "pump"
+    repo.mkdir(parents=True)
+    publish_version(repo, versions["1"], "1")
+    publish_version(repo, versions["2"], "2")
+    metrics = Metrics()
+    pipeline = Pipeline(Settings(routes=[route(repo, candidate="1")], models={"poll_s": 0}), metrics, lambda i, a: 0)
+    pipeline.load_models()
+    r = pipeline.routes[0]
+    try:
+        assert r.serving.version == "2" and r.candidate is not None and r.candidate.version == "1"
+        publish_version(repo, versions["3"], "3")
+        pipeline.reload()
+        assert r.serving.version == "3" and r.candidate is None
+        assert (
+            metrics.registry.get_sample_value("plcsense_model_loads_total", {"route": "pump", "outcome": "refused"})
+            == 1
+        )
+    finally:
+        pipeline.close()
+
+
 def test_a_refused_rollback_says_so_and_a_new_copy_of_a_refused_version_is_tried_again(tmp_path, versions):
     repo = tmp_path / "repo" / "pump"
     repo.mkdir(parents=True)

@@ -274,7 +274,10 @@ class Pipeline:
         if serving is not None and serving is not route.serving:
             self._swap(route, serving)
         if route.candidate_policy is not None:
-            route.candidate = self._version(route, route.candidate_policy, route.candidate, candidate=True)
+            current, serving = route.candidate, route.serving
+            if current is not None and serving is not None and not _same_input(serving.bundle, current.bundle):
+                current = None  # loaded beside a version that has been replaced: checked again against this one
+            route.candidate = self._version(route, route.candidate_policy, current, candidate=True)
 
     def _version(
         self, route: Route, policy: str, current: Serving | None, *, pin: str | None = None, candidate: bool = False
