@@ -22,7 +22,10 @@ def _declared_bytes(payload: bytes) -> int:
         else:
             shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
     except Exception as exc:
-        raise InputError(ErrorCode.BAD_NPY, f"payload is not a readable .npy array ({type(exc).__name__})") from None
+        detail = str(exc)[:200] or type(exc).__name__
+        raise InputError(
+            ErrorCode.BAD_NPY, f"payload is not a readable .npy array ({detail}); send np.save() bytes of numbers"
+        ) from None
     if dtype.kind not in "biuf":
         raise InputError(ErrorCode.BAD_NPY, f"npy payload must hold a numeric array, not {dtype}")
     return math.prod(shape) * dtype.itemsize
