@@ -201,6 +201,9 @@ def test_sensor_csv_reader_keeps_only_sensor_columns_of_real_world_exports(tmp_p
     duplicate.write_text("a;a;b\n1;2;3\n")
     with pytest.raises(DataError, match=r"\['a'\] appear more than once"):
         read_sensor_csv(duplicate)
+    single = tmp_path / "single.csv"  # one channel, decimal commas: no delimiter at all
+    single.write_text("pressure\n1,5\n2,25\n")
+    assert read_sensor_csv(single).values.tolist() == [[1.5], [2.25]]
     gap = tmp_path / "gap.csv"
     gap.write_text("flow;temp\n1;2\n3;\n")
     with pytest.raises(DataError, match="column 'temp' at line 3"):

@@ -142,8 +142,12 @@ def read_sensor_csv(
     except UnicodeDecodeError:  # Excel and many PLC tools on Windows write their code page ("°C" as one byte)
         text = raw.decode("cp1252", errors="replace")
         log.warning("%s is not UTF-8; read as Windows-1252 (save it as UTF-8 to be sure of its header)", path)
-    delimiter = sniff_delimiter(text[:8192])
-    rows = list(csv.reader(text.splitlines(), delimiter=delimiter))
+    lines = text.splitlines()
+    if lines and not any(d in lines[0] for d in ";,\t"):  # one column: a comma in it is a decimal comma
+        delimiter, rows = "none", [[line] for line in lines]
+    else:
+        delimiter = sniff_delimiter(text[:8192])
+        rows = list(csv.reader(lines, delimiter=delimiter))
     if len(rows) < 2:
         raise DataError(f"{path}: needs a header row and at least one data row")
     header = [h.strip() for h in rows[0]]
