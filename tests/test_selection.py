@@ -112,6 +112,33 @@ def test_autoencoder_training_stops_at_the_deadline(caplog) -> None:
     assert fitted.epochs_run == 1 and fitted.stopped == "time budget"
 
 
+def test_autoencoder_stops_early_on_windows_apart_from_those_that_set_its_threshold(monkeypatch) -> None:
+    """Rows numbered in a channel: the windows trained on, those early stopping watches and those the threshold
+    is set on come from consecutive stretches of the run, in that order, sharing no reading."""
+    import keras
+
+    seen = {}
+    fit = keras.Model.fit
+
+    def recording_fit(self, x, y=None, validation_data=None, **kwargs):
+        seen["train"], seen["stop"] = x, validation_data[0]
+        return fit(self, x, y, validation_data=validation_data, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", recording_fit)
+    rows = 600
+    run = np.stack([np.arange(rows, dtype=float), np.sin(np.arange(rows) / 5)], axis=1)
+    s = AutoencoderSettings(window=16, epochs=2)
+    fitted = _fit_autoencoder(s, [run], time.monotonic() + 60, verbose=0, keep_on_interrupt=False)
+
+    def row_span(windows: np.ndarray, normalised: bool) -> tuple[float, float]:
+        numbers = windows[..., 0] * (fitted.std[0] if normalised else 1) + (fitted.mean[0] if normalised else 0)
+        return float(np.round(numbers.min())), float(np.round(numbers.max()))
+
+    train, stop = row_span(seen["train"], True), row_span(seen["stop"], True)
+    calib = row_span(fitted.calibration_windows, False)
+    assert train[0] == 0 and train[1] < stop[0] and stop[1] < calib[0] and calib[1] == rows - 1
+
+
 def test_labelled_rows_split_runs_and_are_never_fitted_on() -> None:
     values = np.arange(30.0)[:, None]
     labels = np.array([0] * 10 + [1] * 5 + [0] * 15)

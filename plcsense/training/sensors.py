@@ -74,6 +74,8 @@ class AutoencoderSettings:
 
 Detector = ARSettings | AutoencoderSettings
 
+STOPPING_SPLIT = 0.15
+"""Last part of the autoencoder's training windows (before the calibration part) that early stopping watches."""
 MAX_SCORED_WINDOWS = 50_000
 """Training windows the exported model scores for the manifest's training false-alarm rate, evenly spaced."""
 
@@ -198,33 +200,40 @@ class _Deadline(keras.callbacks.Callback):
 def _fit_autoencoder(
     s: AutoencoderSettings, runs: list[np.ndarray], deadline: float, verbose: int, keep_on_interrupt: bool
 ) -> FittedAutoencoder:
-    """Train on the first part of each run, stop early on (and calibrate with) the rest; Ctrl-C keeps the best
+    """Train on the first part of each run, stop early on the next and set the threshold on the last (early stopping
+    picks the epoch that fits its windows best, so they would give too low a threshold); Ctrl-C keeps the best
     epoch so far when ``keep_on_interrupt`` (the final fit; during selection it ends the search instead)."""
     window = s.window
-    fit_parts, calib_parts = [], []
+
+    def after_gap(part: np.ndarray) -> np.ndarray:  # windows sharing no reading with the part before
+        return part[window:] if len(part) > 2 * window else part
+
+    train_parts, stop_parts, calib_parts = [], [], []
     for run in runs:
         if len(run) < window + 2:
             continue
         windows = sliding_windows(run, window)
         cut = int(len(windows) * (1 - s.calibration_split))
         if 1 <= cut < len(windows):
-            fit_parts.append(windows[:cut])
-            calib_parts.append(windows[cut + window :] if len(windows) - cut > 2 * window else windows[cut:])
-    if not fit_parts:
+            stop_cut = max(1, int(cut * (1 - STOPPING_SPLIT)))
+            train_parts.append(windows[:stop_cut])
+            stop_parts.append(after_gap(windows[stop_cut:cut]))
+            calib_parts.append(after_gap(windows[cut:]))
+    if not train_parts:
         raise ValueError(f"too few normal rows for windows of {window}; record more or shrink --window")
-    fit, calib = np.concatenate(fit_parts), np.concatenate(calib_parts)
-    mean, std = channel_stats(np.concatenate(runs))
-
+    fit, stop, calib = (np.concatenate(p) for p in (train_parts, stop_parts, calib_parts))
+    mean, std = channel_stats(fit)
     keras.utils.set_random_seed(s.seed)
     autoencoder, scorer = dense_autoencoder(window, mean, std)
     autoencoder.compile(optimizer=keras.optimizers.Adam(s.learning_rate), loss="mse")
-    fit_n, calib_n = (fit - mean) / std, (calib - mean) / std
-    early, budget = keras.callbacks.EarlyStopping(patience=s.patience, restore_best_weights=True), _Deadline(deadline)
-    history = keras.callbacks.History()
+    fit_n, stop_n = (fit - mean) / std, (stop - mean) / std
+    monitor = "val_loss" if len(stop) else "loss"  # runs too short to spare windows for stopping
+    early = keras.callbacks.EarlyStopping(monitor, patience=s.patience, restore_best_weights=True)
+    budget, history = _Deadline(deadline), keras.callbacks.History()
     try:
         autoencoder.fit(
-            fit_n, fit_n, validation_data=(calib_n, calib_n), epochs=s.epochs, batch_size=s.batch_size,
-            verbose=verbose, callbacks=[early, budget, history],
+            fit_n, fit_n, validation_data=(stop_n, stop_n) if len(stop) else None, epochs=s.epochs,
+            batch_size=s.batch_size, verbose=verbose, callbacks=[early, budget, history],
         )  # fmt: skip
         stopped = "time budget" if budget.spent else "early stopping" if early.stopped_epoch else "epochs"
     except KeyboardInterrupt:
