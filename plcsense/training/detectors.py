@@ -274,7 +274,11 @@ def calibrate(train: np.ndarray | Segments, settings: ARSettings | None = None) 
             heldout.append(scores[ends - s.smooth + 1 >= a])  # every smoothed innovation inside the block
     held_scores, in_scores = np.concatenate(heldout), np.concatenate(infold)
     if len(held_scores) < 20:
-        raise ValueError(f"{rows} normal rows leave {len(held_scores)} held-out windows; record more normal data")
+        longest = max(len(g) for g in segments)
+        raise ValueError(
+            f"{rows} normal rows leave {len(held_scores)} held-out windows (the longest run of consecutive normal "
+            f"rows has {longest}, a window {s.window}); record longer stretches of normal operation"
+        )
     q = s.channel_quantile
     ratio = np.quantile(held_scores, q, axis=0) / np.maximum(np.quantile(in_scores, q, axis=0), 1e-12)
     factors = np.maximum(1.0, ratio)
