@@ -18,10 +18,15 @@ ARCHS = ["scratch", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", 
 # The `plcsense train` options each training reads. One it does not read is refused, not silently ignored;
 # --out, --name and --model-version apply to all of them.
 TRAIN_OPTIONS: dict[str, set[str]] = {
-    "train images": {
-        "arch", "weights", "image_size", "color_mode", "epochs", "fine_tune_epochs", "fine_tune_layers", "batch_size",
-        "learning_rate", "seed", "val_split", "test_split", "augment", "no_augment", "no_class_weights",
-        "tensorboard", "quantize", "min_agreement", "time_budget",
+    "train images": {  # on a backbone: its settings are chosen by validation; the input is RGB
+        "arch", "weights", "image_size", "fine_tune_epochs", "fine_tune_layers", "batch_size", "seed", "val_split",
+        "test_split", "augment", "no_augment", "no_class_weights", "tensorboard", "quantize", "min_agreement",
+        "time_budget",
+    },
+    "train images --arch scratch": {
+        "arch", "image_size", "color_mode", "epochs", "batch_size", "learning_rate", "seed", "val_split",
+        "test_split", "augment", "no_augment", "no_class_weights", "tensorboard", "quantize", "min_agreement",
+        "time_budget",
     },
     "train sensors --task classify": {
         "task", "columns", "epochs", "batch_size", "learning_rate", "seed", "val_split", "test_split",
@@ -38,7 +43,7 @@ TRAIN_OPTIONS: dict[str, set[str]] = {
 
 def _training(args: argparse.Namespace) -> str:
     if args.kind == "images":
-        return "train images"
+        return "train images --arch scratch" if args.arch == "scratch" else "train images"
     if args.task in ("classify", "classification"):
         return "train sensors --task classify"
     return f"train sensors --detector {args.detector or 'auto'}"
@@ -47,7 +52,8 @@ def _training(args: argparse.Namespace) -> str:
 def _train_usage_problem(args: argparse.Namespace) -> str | None:
     """One line saying why these ``train`` arguments cannot be used as given, or None when they can."""
     training = _training(args)
-    if training in ("train images", "train sensors --task classify") and len(args.data) > 1:
+    one_folder = training.startswith("train images") or training == "train sensors --task classify"
+    if one_folder and len(args.data) > 1:
         return "give one data folder (of class folders, or with train/ val/ test/)"
     reads = TRAIN_OPTIONS[training]
     every = set().union(*TRAIN_OPTIONS.values())
@@ -85,7 +91,7 @@ def _train(args: argparse.Namespace) -> int:
         min_agreement=args.min_agreement,
     )
     training = _training(args)
-    if training == "train images":
+    if training.startswith("train images"):
         from plcsense.training.image_config import Augment, ImageTrainConfig
         from plcsense.training.images import train_images
 

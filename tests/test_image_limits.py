@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from plcsense.models.bundle import ImageSpec, load_bundle
-from plcsense.models.inputs import decode_image, default_max_pixels, image_to_array
+from plcsense.models.inputs import InputError, decode_image, default_max_pixels, image_to_array
 
 RGB_224 = ImageSpec(height=224, width=224, channels=3, color_mode="rgb")
 GREY_224 = ImageSpec(height=224, width=224, channels=1, color_mode="grayscale")
@@ -160,6 +160,35 @@ def test_16bit_greyscale_png_is_scaled_not_clipped():
     rows = b"".join(b"\0" + row.tobytes() for row in values)
     decoded = decode_image(png_bytes(224, 224, 0, 16, rows), GREY_224)[..., 0]
     np.testing.assert_array_equal(decoded, (values >> 8).astype(np.float32))
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "TIFF"])  # a 16-bit PGM opens as Pillow's 32-bit mode "I"
+def test_16bit_greyscale_pgm_and_tiff_are_scaled_not_clipped(fmt):
+    import io
+
+    from PIL import Image
+
+    values = np.linspace(0, 65535, 224 * 224).astype(np.uint16).reshape(224, 224)
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format=fmt)
+    decoded = decode_image(buffer.getvalue(), GREY_224)[..., 0]
+    np.testing.assert_array_equal(decoded, (values >> 8).astype(np.float32))
+
+
+def test_a_local_photo_larger_than_the_workers_budget_still_trains(tmp_path):
+    """The worker's default budget (64 x the model's input, here 4096 x 4096) guards against what arrives over
+    MQTT; a user's own 17-megapixel camera photo on disk is read for training, predict and evaluate."""
+    from PIL import Image
+
+    from plcsense.models.inputs import load_image_file
+
+    path = tmp_path / "camera.png"
+    Image.new("L", (4200, 4100), 90).save(path)
+    assert default_max_pixels(GREY_224) < 4200 * 4100
+    assert float(load_image_file(str(path), GREY_224).mean()) == 90.0
+    with pytest.raises(InputError) as refused:
+        decode_image(path.read_bytes(), GREY_224)
+    assert refused.value.code == "image_too_large"
 
 
 def test_16bit_rgb_png_keeps_the_high_byte():

@@ -24,6 +24,7 @@ from plcsense.models.backbones import (
     unfreeze_above,
 )
 from plcsense.models.bundle import load_bundle
+from plcsense.training.data import DataError
 from plcsense.training.export import ExportError
 from plcsense.training.images import ImageTrainConfig, train_images
 from plcsense.worker.decoders import decode
@@ -265,6 +266,8 @@ def test_resolutions_tried_keep_the_detail_of_larger_photos():
     assert resolutions("mobilenet_v2", 200, None) == [224]  # NEU: close enough, smaller
     assert resolutions("mobilenet_v2", 64, None) == [64, 224]  # small photos: as they are, and upscaled
     assert resolutions("mobilenet_v2", 300, 160) == [160]  # --image-size pins it
+    with pytest.raises(DataError, match="below mobilenet_v2's smallest input, 32 px"):
+        resolutions("mobilenet_v2", 300, 16)
 
 
 def test_every_resolution_chooses_its_own_probe_settings(tmp_path):

@@ -244,6 +244,8 @@ def test_skab_anomaly_free_trains(tmp_path):
         (["sensors", "cycles", "--task", "classify", "--detector", "ar"], "--detector does not apply"),
         (["images", "parts", "--label-column", "y"], "--label-column does not apply to train images"),
         (["images", "parts", "--task", "anomaly"], "--task does not apply to train images"),
+        (["images", "parts", "--epochs", "5"], "--epochs does not apply to train images (it takes"),  # a backbone
+        (["images", "parts", "--arch", "scratch", "--weights", "w.h5"], "--weights does not apply to train images"),
         (["sensors", "s.csv", "--fine-tune-layers", "0"], "--fine-tune-layers does not apply"),  # 0 is given too
     ],
 )

@@ -68,8 +68,10 @@ def image_to_array(image: Image.Image, spec: ImageSpec, dtype: type[np.generic] 
     """Convert to the spec's colour mode and size, return (H, W, C) with values 0..255 as ``dtype`` (the worker
     keeps uint8, a quarter of the memory for images waiting in a batch; the model casts on input)."""
     _check_exact_size(image.size, spec)
-    if image.mode.startswith("I;16"):  # 16-bit greyscale: Pillow's own conversion clips at 255 instead of scaling
-        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), mode="L")
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # 16-bit greyscale (PNG, TIFF; PGM opens as 32-bit "I"): Pillow's own conversion clips at 255 instead of
+        # scaling, which turns a whole photo white
+        image = Image.fromarray((np.clip(np.asarray(image), 0, 65535) >> 8).astype(np.uint8), mode="L")
     image = image.convert("L" if spec.color_mode == "grayscale" else "RGB")
     if image.size != (spec.width, spec.height):
         image = image.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
@@ -152,6 +154,8 @@ def decode_image(
         raise InputError(ErrorCode.UNDECODABLE_IMAGE, f"cannot decode image ({type(exc).__name__}: {exc})") from None
 
 
-def load_image_file(path: str, spec: ImageSpec, *, max_pixels: int | None = None) -> np.ndarray:
+def load_image_file(path: str, spec: ImageSpec) -> np.ndarray:
+    """A local file (training, ``predict``, ``evaluate``): the user's own photo, so up to Pillow's own limit, not
+    the budget that guards the worker against what arrives over MQTT."""
     with open(path, "rb") as handle:
-        return decode_image(handle.read(), spec, max_pixels=max_pixels)
+        return decode_image(handle.read(), spec, max_pixels=2 * Image.MAX_IMAGE_PIXELS)

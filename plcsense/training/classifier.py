@@ -275,6 +275,7 @@ class ClassifierRun:
                 splits.classes,
                 images=inputs if show_misclassified else None,
                 history=self.history,
+                part=held_out_name,
             )
             for name, text in (report_files or {}).items():
                 (folder / name).write_text(text)

@@ -50,7 +50,8 @@ class ImageSet:
 def class_folders(root: Path) -> list[Path]:
     if not root.is_dir():
         raise DataError(f"{root} is not a directory (expected one sub-folder per class)")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # hidden folders and macOS archive metadata are no classes
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX")
     if not folders:
         raise DataError(f"{root} has no class sub-folders; put each class's images in {root}/<class>/")
     return folders
@@ -67,7 +68,10 @@ def class_files(
     found = []
     for folder in folders:
         if folder.name not in names:
-            raise DataError(f"{folder}: class {folder.name!r} is not one the model knows ({', '.join(names)})")
+            raise DataError(
+                f"{folder}: class {folder.name!r} is not one the model knows ({', '.join(names)}); add photos of it "
+                "to the training data, or leave this folder out"
+            )
         files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
         if not files:
             raise DataError(f"class folder {folder} holds no {kind}")
@@ -76,6 +80,17 @@ def class_files(
 
 
 IMAGES = f"images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+
+
+def require_examples(labels: np.ndarray, classes: list[str], where: Path, minimum: int = 2) -> None:
+    """Every class needs ``minimum`` examples to learn from: one photo cannot be both fitted and validated on."""
+    counts = np.bincount(labels, minlength=len(classes))
+    few = [f"{name} ({n})" for name, n in zip(classes, counts, strict=True) if n < minimum]
+    if few:
+        raise DataError(
+            f"{where}: class(es) {', '.join(few)} have fewer than {minimum} examples to learn from; add more (dozens "
+            "per class learn well) or leave the folder out"
+        )
 
 
 def load_image_folder(root: Path, spec: ImageSpec, classes: list[str] | None = None) -> ImageSet:

@@ -21,7 +21,7 @@ from plcsense.models.backbones import augmentation, classifier, default_image_si
 from plcsense.models.bundle import Bundle, ImageSpec
 from plcsense.training.classifier import ClassifierRun, EpochBudget, Schedule, Splits
 from plcsense.training.clock import Clock
-from plcsense.training.data import IMAGE_SUFFIXES, ImageSet, class_folders, load_image_folder
+from plcsense.training.data import IMAGE_SUFFIXES, ImageSet, class_folders, load_image_folder, require_examples
 from plcsense.training.export import check_output_dir
 from plcsense.training.image_config import ImageTrainConfig
 from plcsense.training.splits import split_indices
@@ -35,9 +35,9 @@ def detect_color_mode(root: Path) -> str:
         for file in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:20]:
             try:
                 with Image.open(file) as image:
-                    if image.mode not in ("L", "1", "I;16", "I"):
+                    if image.mode not in ("L", "1", "I") and not image.mode.startswith("I;16"):
                         return "rgb"
-            except OSError:
+            except (OSError, Image.DecompressionBombError):
                 continue
     return "grayscale"
 
@@ -46,6 +46,7 @@ def load_splits(data_dir: Path, spec: ImageSpec, cfg: ImageTrainConfig) -> Split
     """Explicit ``train/``, ``val/``, ``test/`` sub-folders when present, else a seeded stratified split."""
     if (data_dir / "train").is_dir():
         train = load_image_folder(data_dir / "train", spec)
+        require_examples(train.labels, train.classes, data_dir / "train")
         parts = {
             name: load_image_folder(data_dir / name, spec, classes=train.classes)
             for name in ("val", "test")
@@ -66,6 +67,7 @@ def load_splits(data_dir: Path, spec: ImageSpec, cfg: ImageTrainConfig) -> Split
 
         return Splits(train.classes, (train.images[tr], train.labels[tr]), part("val"), part("test"))
     data: ImageSet = load_image_folder(data_dir, spec)
+    require_examples(data.labels, data.classes, data_dir)
     return Splits.seeded(data.images, data.labels, data.classes, cfg)
 
 

@@ -22,8 +22,10 @@ def classification_report_files(
     images: np.ndarray | None = None,
     history: dict[str, list[float]] | None = None,
     max_misclassified: int = 25,
+    part: str = "test",
 ) -> dict:
-    """Write metrics.json, confusion_matrix.{json,png}, training_curves.png, misclassified.png; return metrics."""
+    """Write metrics.json, confusion_matrix.{json,png}, training_curves.png, misclassified.png; return metrics.
+    ``part`` names the photos scored in the figures' titles: ``test``, ``val`` or ``fit`` (photos it learnt from)."""
     predicted = probabilities.argmax(axis=1)
     index = list(range(len(classes)))
     report = classification_report(
@@ -36,7 +38,7 @@ def classification_report_files(
     size = max(4.0, 0.6 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     ConfusionMatrixDisplay(matrix, display_labels=classes).plot(ax=ax, colorbar=False, xticks_rotation=45)
-    ax.set_title(f"test accuracy {report['accuracy']:.4f} (n={len(labels)})")
+    ax.set_title(f"{part} accuracy {report['accuracy']:.4f} (n={len(labels)})")
     fig.tight_layout()
     fig.savefig(out / "confusion_matrix.png", dpi=100)
     plt.close(fig)
@@ -44,7 +46,9 @@ def classification_report_files(
     if history:
         _training_curves(out / "training_curves.png", history)
     if images is not None:
-        _misclassified(out / "misclassified.png", images, labels, predicted, probabilities, classes, max_misclassified)
+        _misclassified(
+            out / "misclassified.png", images, labels, predicted, probabilities, classes, max_misclassified, part
+        )
     return report
 
 
@@ -72,6 +76,7 @@ def _misclassified(
     probabilities: np.ndarray,
     classes: list[str],
     limit: int,
+    part: str,
 ) -> None:
     wrong = np.flatnonzero(predicted != labels)[:limit]
     cols = max(1, min(5, len(wrong)))
@@ -80,7 +85,7 @@ def _misclassified(
     for ax in axes.flat:
         ax.axis("off")
     if not len(wrong):
-        axes[0, 0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+        axes[0, 0].text(0.5, 0.5, f"no misclassified {part} images", ha="center", va="center")
     for ax, i in zip(axes.flat, wrong, strict=False):
         image = images[i].astype(np.uint8)
         ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)

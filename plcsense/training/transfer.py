@@ -29,7 +29,7 @@ from plcsense.models.bundle import Bundle, ImageSpec
 from plcsense.models.inputs import InputError, load_image_file
 from plcsense.training.classifier import ClassifierRun, Schedule, Splits
 from plcsense.training.clock import Clock, epoch_figures
-from plcsense.training.data import IMAGE_SUFFIXES, IMAGES, DataError, class_files
+from plcsense.training.data import IMAGE_SUFFIXES, IMAGES, DataError, class_files, require_examples
 from plcsense.training.image_config import ImageTrainConfig
 from plcsense.training.image_select import (
     DEPTHS,
@@ -101,7 +101,7 @@ def native_side(files: list[Path], sample: int = 50) -> int:
         try:
             with Image.open(file) as image:
                 sides.append(math.sqrt(image.width * image.height))
-        except OSError:
+        except (OSError, Image.DecompressionBombError):  # loading it says why, once, with the file's name
             continue
     return int(np.median(sides)) if sides else 224
 
@@ -114,6 +114,8 @@ def resolutions(arch: str, native: int, pinned: int | None) -> list[int]:
     a 300 px photo is narrower still at 224), while a somewhat smaller photo only gains speed at its own size.
     """
     if pinned:
+        if pinned < BACKBONES[arch].min_size:
+            raise DataError(f"--image-size {pinned} is below {arch}'s smallest input, {BACKBONES[arch].min_size} px")
         return [pinned]
     default = BACKBONES[arch].default_size
     own = max(BACKBONES[arch].min_size, min(MAX_SIDE, 32 * round(native / 32)))
@@ -206,6 +208,7 @@ class BackboneRun:
                 np.concatenate([train.from_val, val.from_val]),
             )
         )
+        require_examples(self.pool.labels, self.classes, root)
         self.n_classes = len(self.classes)
         weights = None if cfg.weights in (None, "none") else cfg.weights
         self.backbone = build_backbone(cfg.arch, (None, None, 3), weights)
@@ -356,7 +359,8 @@ class BackboneRun:
                 previous = (name, result)
 
     def _fine_tune_trial(self, name: str, cut: str | None, budget: float) -> float | None:
-        """All folds of one depth; returns the seconds of an epoch, or None when even one did not fit."""
+        """All folds of one depth, a trial when they all fit the budget; returns the seconds an epoch took (None
+        when not one was measured), which plans the deeper depths either way."""
         cfg, clock, selection = self.cfg, self.clock, self.selection
         started = clock.elapsed
         tuner = self._tuner(cut)
@@ -392,7 +396,7 @@ class BackboneRun:
             if clock.elapsed > started + budget and k + 1 < len(selection.folds.pairs):
                 selection.skip("fine-tune", name, f"the budget ended after fold {k + 1}")
                 self.backbone.set_weights(self.pretrained)
-                return None
+                return float(np.mean(epoch_seconds)) if epoch_seconds else None
         settings = dict(self.settings, depth=name, trainable_layers=tuner.trainable)
         epochs, accuracy, loss = common_epoch(results)
         extra = {
@@ -423,8 +427,10 @@ class BackboneRun:
         n_fold = np.mean([len(t) for t, _ in self.selection.folds.pairs])
         cost = epochs * epoch_seconds * len(everything) / n_fold
         if cost > self.clock.remaining - self._export_seconds():
-            weights = best_fold[1]
-            tuner.restore(weights)
+            if best_fold is None:  # no fold's model beat its own start: there is none to export
+                self.selection.notes["refit"] = f"no time to refit (~{cost:.0f} s): the frozen probe is exported"
+                return
+            tuner.restore(best_fold[1])
             self.selection.notes["refit"] = f"no time to refit (~{cost:.0f} s): the best fold's model is exported"
         else:
             self.clock.progress(
