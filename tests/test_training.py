@@ -171,6 +171,11 @@ def test_training_refuses_bad_data(tmp_path):
     assert proc.returncode == 2 and "at least two" in proc.stderr
     proc = plcsense("train", "images", str(tmp_path / "one"), "--out", str(tmp_path / "b"))
     assert proc.returncode == 2 and "holds no images" in proc.stderr
+    write_image_folder(tmp_path / "rare", per_class=3)
+    for f in sorted((tmp_path / "rare" / "dark").iterdir())[1:]:
+        f.unlink()
+    proc = plcsense("train", "images", str(tmp_path / "rare"), "--arch", "scratch", "--out", str(tmp_path / "b"))
+    assert proc.returncode == 2 and "class(es) dark (1) have fewer than 2 examples" in proc.stderr, proc.stderr
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
     write_sensor_csv(tmp_path / "s.csv", rows=100)
