@@ -275,8 +275,10 @@ def test_pump_workload_runs_on_a_real_worker_and_would_be_refused_in_a_shared_gr
     config["mqtt"] = {k: v for k, v in config["mqtt"].items() if k != "ca_file"} | broker.mqtt_settings()
     port = free_port()
     config["metrics"] = {"host": "127.0.0.1", "port": port}
-    for route in config["routes"]:
-        route["model"] = str(sensor_bundle)
+    for route in config["routes"]:  # the shipped route pins a version of a repository entry: lay one out
+        entry = tmp_path / "models" / route["name"]
+        shutil.copytree(sensor_bundle, entry / route.get("version", "1"))  # the fixture's bundle is version 1
+        route["model"] = str(entry)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in pod_env(sts, 0).items() if k not in ("PLCSENSE_MQTT__USERNAME", "PLCSENSE_MQTT__PASSWORD")}
