@@ -37,6 +37,8 @@ _DEFLATE_MAX_RATIO = 1032
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # Backstop for any other Pillow use in the process; decode_image applies its own, stricter budget.
 Image.MAX_IMAGE_PIXELS = 64_000_000
+PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+"""Pillow refuses larger images outright (DecompressionBombError), whatever budget a caller gives."""
 # decode_image refuses oversize images from their header itself, so Pillow's warning would only be noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
@@ -54,7 +56,7 @@ class InputError(ValueError):
 
 def default_max_pixels(spec: ImageSpec) -> int:
     """The pixel budget of :func:`decode_image` when the route sets none."""
-    return min(max(INPUT_AREA_FACTOR * spec.height * spec.width, MIN_MAX_PIXELS), 2 * Image.MAX_IMAGE_PIXELS)
+    return min(max(INPUT_AREA_FACTOR * spec.height * spec.width, MIN_MAX_PIXELS), PILLOW_MAX_PIXELS)
 
 
 def _check_exact_size(size: tuple[int, int], spec: ImageSpec) -> None:
@@ -145,7 +147,9 @@ def decode_image(
     except InputError:
         raise
     except Image.DecompressionBombError as exc:  # past Pillow's own limit, whatever the route allows
-        raise InputError(ErrorCode.IMAGE_TOO_LARGE, f"{exc} (no route takes more than 128 million pixels)") from None
+        raise InputError(
+            ErrorCode.IMAGE_TOO_LARGE, f"{exc} (no route takes more than {PILLOW_MAX_PIXELS:,} pixels)"
+        ) from None
     except UnidentifiedImageError:
         raise InputError(
             ErrorCode.UNDECODABLE_IMAGE, "payload is not a JPEG, PNG, BMP, TIFF, WebP or PNM/PGM image"
@@ -158,4 +162,4 @@ def load_image_file(path: str, spec: ImageSpec) -> np.ndarray:
     """A local file (training, ``predict``, ``evaluate``): the user's own photo, so up to Pillow's own limit, not
     the budget that guards the worker against what arrives over MQTT."""
     with open(path, "rb") as handle:
-        return decode_image(handle.read(), spec, max_pixels=2 * Image.MAX_IMAGE_PIXELS)
+        return decode_image(handle.read(), spec, max_pixels=PILLOW_MAX_PIXELS)

@@ -395,19 +395,19 @@ class BackboneRun:
                 curves = result.curves
             if clock.elapsed > started + budget and k + 1 < len(selection.folds.pairs):
                 selection.skip("fine-tune", name, f"the budget ended after fold {k + 1}")
-                self.backbone.set_weights(self.pretrained)
-                return float(np.mean(epoch_seconds)) if epoch_seconds else None
-        settings = dict(self.settings, depth=name, trainable_layers=tuner.trainable)
-        epochs, accuracy, loss = common_epoch(results)
-        extra = {
-            "epochs": epochs,
-            "best_epochs": [r.best_epoch for r in results],
-            "stopped": sorted({r.stopped for r in results}),
-        }
-        trial = selection.add(Trial("fine-tune", settings, accuracy, loss, clock.elapsed - started, extra))
-        if trial is selection.best:
-            self.tuned = (cut, epochs, float(np.mean(epoch_seconds)), best_fold)
-            self.curves = curves
+                break
+        else:
+            settings = dict(self.settings, depth=name, trainable_layers=tuner.trainable)
+            epochs, accuracy, loss = common_epoch(results)
+            extra = {
+                "epochs": epochs,
+                "best_epochs": [r.best_epoch for r in results],
+                "stopped": sorted({r.stopped for r in results}),
+            }
+            trial = selection.add(Trial("fine-tune", settings, accuracy, loss, clock.elapsed - started, extra))
+            if trial is selection.best:
+                self.tuned = (cut, epochs, float(np.mean(epoch_seconds)), best_fold)
+                self.curves = curves
         self.backbone.set_weights(self.pretrained)
         return float(np.mean(epoch_seconds)) if epoch_seconds else None
 

@@ -14,6 +14,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from plcsense.models.inputs import PILLOW_MAX_PIXELS
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
@@ -179,7 +181,7 @@ class RouteSettings(_Section):
     shared between workers (``mqtt.shared_group``); single readings are refused with ``bad_shape``."""
     decode_threads: int = Field(2, ge=1, le=64)
     """Image routes: images decoded at once, off the MQTT network thread."""
-    max_image_pixels: int | None = Field(None, ge=1, le=128_000_000)
+    max_image_pixels: int | None = Field(None, ge=1, le=PILLOW_MAX_PIXELS)
     """Image routes: images declaring more pixels are refused (``image_too_large``) before decoding.
     Default: 64 x the model's input, at least 4096 x 4096; at most 128 million (Pillow's own limit)."""
 
