@@ -173,6 +173,7 @@ def main() -> None:
                 "float32_test_accuracy": measured["float32"]["accuracy"] if "float32" in measured else None,
                 "float32_test_confusion": measured["float32"]["confusion_matrix"] if "float32" in measured else None,
                 "test_top1_agreement": measured.get("top1_agreement"),
+                "test_unknown": scores.get("unknown"),
                 "train_seconds": round(train_seconds, 1),
                 "wall_seconds": round(time.perf_counter() - begun, 1),
                 **device.record(),

@@ -240,10 +240,16 @@ def test_transfer_learning_selects_by_validation_within_budget(parts, tmp_path):
     assert {"frozen", "fine-tune"} <= stages
     assert any(t.get("augment") == "flips" and t["stage"] == "augment" for t in selection["trials"])
     best = max(selection["trials"], key=lambda t: (round(t["val_accuracy"], 4), -t["val_loss"]))
+    tuned = [t for t in selection["trials"] if t["stage"] == "fine-tune"]
+    # each fine-tuning measured how much farther photos its networks had not learnt lie than the ones they had
+    assert all(t["ood_unseen_ratio"] >= 1 for t in tuned if t["ood_unseen_ratio"] is not None), tuned
     if "never beat" in selection.get("refit", ""):  # the probe it started from is what was exported
         assert selection["chosen"]["stage"] in ("frozen", "augment")
+        assert "ood_unseen_ratio" not in m.metrics  # frozen features: the validation photos are new to them
     else:
         assert selection["chosen"]["val_accuracy"] == best["val_accuracy"]
+    if selection["chosen"]["stage"] == "fine-tune" and selection["chosen"]["ood_unseen_ratio"] is not None:
+        assert m.metrics["ood_unseen_ratio"] == pytest.approx(selection["chosen"]["ood_unseen_ratio"], abs=1e-3)
     assert m.metrics["val_accuracy"] == pytest.approx(selection["chosen"]["val_accuracy"], abs=1e-4)
     assert selection["elapsed_s_at_export"] < 240
     assert any((tmp_path / "tb").rglob("events.out.tfevents.*"))

@@ -46,6 +46,7 @@ from plcsense.training.image_select import (
     pooled_view,
     probe_trial,
 )
+from plcsense.training.ood import VALIDATION_QUANTILE, unseen_distances
 from plcsense.training.splits import split_indices
 
 log = logging.getLogger("plcsense.training")
@@ -237,6 +238,8 @@ class BackboneRun:
         self.ready_trial: Trial | None = None
         """The trial whose model ``ready`` is: what the report names as chosen."""
         self.curves: dict[str, list[float]] = {}
+        self.unseen_ratio: float | None = None
+        """The chosen fine-tuning's ``ood_unseen_ratio`` (see ``training/ood.py``)."""
         """Fine-tuning curves (first fold) of the best fine-tuning trial."""
         interrupted = False
         try:
@@ -365,7 +368,7 @@ class BackboneRun:
         started = clock.elapsed
         tuner = self._tuner(cut)
         copies = len(self.pooled)
-        results, epoch_seconds = [], []
+        results, epoch_seconds, unseen = [], [], []
         best_fold: tuple[tuple[float, float], list[np.ndarray]] | None = None
         curves: dict[str, list[float]] = {}
         for k, (train, val) in enumerate(selection.folds.pairs):
@@ -389,8 +392,13 @@ class BackboneRun:
                 on_epoch=on_epoch,
             )  # fmt: skip
             results.append(result)
-            if result.weights is not None and (best_fold is None or (result.accuracy, -result.loss) > best_fold[0]):
-                best_fold = ((result.accuracy, -result.loss), result.weights)
+            if result.weights is not None:
+                if best_fold is None or (result.accuracy, -result.loss) > best_fold[0]:
+                    best_fold = ((result.accuracy, -result.loss), result.weights)
+                tuner.restore(result.weights)
+                features = tuner.features(self._batches(cut), np.concatenate([train, val]))
+                learnt, new = features[: len(train)], features[len(train) :]
+                unseen.append(unseen_distances(learnt, self.pool.labels[train], new, self.n_classes))
             if k == 0:
                 curves = result.curves
             if clock.elapsed > started + budget and k + 1 < len(selection.folds.pairs):
@@ -399,14 +407,18 @@ class BackboneRun:
         else:
             settings = dict(self.settings, depth=name, trainable_layers=tuner.trainable)
             epochs, accuracy, loss = common_epoch(results)
+            # how much farther photos a fold's network had not learnt lie from its class means than the ones it
+            # had (at the 99th percentile; at least 1): the refit learns every photo the threshold is set on
+            ratio = max(1.0, float(np.quantile(np.concatenate(unseen), VALIDATION_QUANTILE))) if unseen else None
             extra = {
                 "epochs": epochs,
                 "best_epochs": [r.best_epoch for r in results],
                 "stopped": sorted({r.stopped for r in results}),
+                "ood_unseen_ratio": None if ratio is None else round(ratio, 3),
             }
             trial = selection.add(Trial("fine-tune", settings, accuracy, loss, clock.elapsed - started, extra))
             if trial is selection.best:
-                self.tuned = (cut, epochs, float(np.mean(epoch_seconds)), best_fold)
+                self.tuned = (cut, epochs, float(np.mean(epoch_seconds)), best_fold, ratio)
                 self.curves = curves
         self.backbone.set_weights(self.pretrained)
         return float(np.mean(epoch_seconds)) if epoch_seconds else None
@@ -416,7 +428,7 @@ class BackboneRun:
         best = self.selection.best
         if best.stage != "fine-tune":
             return
-        cut, epochs, epoch_seconds, best_fold = self.tuned
+        cut, epochs, epoch_seconds, best_fold, self.unseen_ratio = self.tuned
         if epochs == 0:
             self.selection.notes["refit"] = "fine-tuning never beat its starting point: the frozen probe is exported"
             return
@@ -564,6 +576,8 @@ class BackboneRun:
             held_out_name="test" if len(test[1]) else "fit",
             extra_metrics={"val_accuracy": best.accuracy, "val_loss": best.loss},
             report_files={"selection.json": self.selection.report()},
+            # a fine-tuned network has learnt the validation photos the ood threshold is set on
+            ood_unseen_ratio=self.unseen_ratio if best.stage == "fine-tune" else None,
         )
 
     def _tensorboard(self, folder: Path) -> None:
