@@ -365,6 +365,37 @@ def test_ctrl_c_after_fine_tuning_won_reports_the_model_it_exports(parts, tmp_pa
     assert m.metrics["val_accuracy"] == pytest.approx(selection["chosen"]["val_accuracy"], abs=1e-4)
 
 
+def test_ctrl_c_in_the_refit_exports_the_best_fold_model(parts, tmp_path, monkeypatch):
+    """A refit cut short is no model, but the best fold's fine-tuned network is a complete one that beat the
+    probe: Ctrl-C in the refit exports it, and says so."""
+    from plcsense.training import image_select, transfer
+
+    fit = image_select.FineTuner.fit
+
+    def fit_or_interrupt(self, *args, **kwargs):
+        if kwargs.get("epochs"):  # the refit
+            raise KeyboardInterrupt
+        result = fit(self, *args, **kwargs)
+        result.weights = result.weights or self.snapshot()  # as if an epoch had beaten the start in every fold
+        return result
+
+    monkeypatch.setattr(image_select.FineTuner, "fit", fit_or_interrupt)
+    monkeypatch.setattr(transfer, "common_epoch", lambda results: (1, *image_select.common_epoch(results)[1:]))
+    monkeypatch.setattr(  # fine-tuning wins
+        image_select.Trial, "key", lambda self: (self.stage == "fine-tune", round(self.accuracy, 4), -self.loss)
+    )
+    cfg = ImageTrainConfig(
+        arch="mobilenet_v2", weights=None, image_size=32, time_budget=240, name="parts",
+        fine_tune_layers=10, fine_tune_epochs=2,
+    )  # fmt: skip
+    m = train_images(parts, tmp_path / "b", cfg).manifest
+    selection = json.loads((tmp_path / "b" / "report" / "selection.json").read_text())
+    assert m.metrics["interrupted"] == 1.0
+    assert selection["chosen"]["stage"] == "fine-tune"
+    assert selection["refit"] == "interrupted (Ctrl-C): the best fold's model is exported"
+    assert m.metrics["ood_unseen_ratio"] >= 1
+
+
 def test_corrupt_and_odd_images_are_handled(tmp_path):
     data = tmp_path / "mixed"
     write_image_folder(data, per_class=8)

@@ -151,7 +151,7 @@ def fit_mahalanobis(unit: np.ndarray, labels: np.ndarray, classes: int) -> dict[
     means = np.stack([unit[labels == c].mean(axis=0) if np.any(labels == c) else overall for c in range(classes)])
     covariance = LedoitWolf(assume_centered=True).fit(unit - means[labels]).covariance_
     values, vectors = np.linalg.eigh(covariance)
-    values = np.maximum(values[::-1], values.max() * 1e-9)
+    values = np.maximum(values[::-1], max(values.max() * 1e-9, _EPS))  # flat features (a dead network) too
     k = min(COMPONENTS, len(values))
     basis = vectors[:, ::-1][:, :k]
     return {

@@ -448,15 +448,27 @@ class BackboneRun:
             self.clock.progress(
                 "refit", "%s on all %d photos for %d epochs", best.settings["depth"], len(everything), epochs
             )
-            tuner.fit(
-                self._batches(cut), self.pool.labels, everything, None,
-                copies=len(self.pooled), weighting=str(self.settings["weighting"]),
-                max_epochs=self.cfg.fine_tune_epochs, epochs=epochs,
-                on_epoch=lambda e, f: self.clock.progress("refit", "epoch %d: %s", e, f"loss {f['loss']:.4f}"),
-            )  # fmt: skip
+            try:
+                tuner.fit(
+                    self._batches(cut), self.pool.labels, everything, None,
+                    copies=len(self.pooled), weighting=str(self.settings["weighting"]),
+                    max_epochs=self.cfg.fine_tune_epochs, epochs=epochs,
+                    on_epoch=lambda e, f: self.clock.progress("refit", "epoch %d: %s", e, f"loss {f['loss']:.4f}"),
+                )  # fmt: skip
+            except KeyboardInterrupt:
+                # a refit cut short is no model; the best fold's is a complete one that beat the probe
+                if best_fold is not None:
+                    tuner.restore(best_fold[1])
+                    self.selection.notes["refit"] = "interrupted (Ctrl-C): the best fold's model is exported"
+                    self._ready_now(best)
+                raise
             self.selection.notes["refit"] = f"fine-tuned on all {len(everything)} photos for {epochs} epochs"
+        self._ready_now(best)
+
+    def _ready_now(self, trial: Trial) -> None:
+        """The backbone and head as they are now are the model to export, ``trial``'s."""
         self.ready = (self.side, str(self.settings["pooling"]), self.backbone.get_weights(), self.head.get_weights())
-        self.ready_trial = best
+        self.ready_trial = trial
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _folds(self) -> Folds:
