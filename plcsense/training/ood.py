@@ -12,9 +12,11 @@ never looked at.
 A network refitted on its validation inputs has learnt them: their features sit closer to the class means than
 a new input's do, and a threshold at their 99th percentile flags several times the intended share of the user's
 own new photos (measured: a MobileNetV2 fine-tuned on an imbalanced NEU variant flagged 4.1 % of its test photos,
-0.5 % of its training photos). For such a model the threshold is the learnt inputs' 99th-percentile distance times
-the ``unseen_ratio`` that cross-validation measured before the refit: how much farther the 99th percentile of
-inputs a fold's network had not learnt lay than that of the inputs it had (:func:`unseen_distances`).
+0.5 % of its training photos). For such a model the threshold is the learnt inputs' median distance times the
+``unseen_ratio`` that cross-validation measured before the refit: the 99th percentile of the distances of inputs a
+fold's network had not learnt, over the median of those it had (:func:`unseen_distances`). The median, not a
+high quantile, of the learnt inputs: it carries the ratio from the fold's network to the refit's, and a high
+quantile of a few hundred distances rests on the few photos a network failed to learn.
 
 Chosen by measurement (threshold at the validation 99th / 95th percentile; share of foreign photos flagged, share
 of the model's own test photos flagged): digits scratch CNN <- NEU steel photos: unit-length Mahalanobis
@@ -39,6 +41,8 @@ log = logging.getLogger("plcsense.training")
 
 OOD_SCORE = "mahalanobis"
 VALIDATION_QUANTILE = 0.99
+LEARNT_QUANTILE = 0.5
+"""The statistic of learnt inputs' distances that the ``unseen_ratio`` is measured in units of: their median."""
 """Share of validation inputs scored at or below the threshold: about 1 % of in-distribution inputs flagged.
 The validation distance at this quantile also maps to a score of 0.5, where an int8 output resolves best."""
 SATURATED = 1 - 1 / 255
@@ -177,11 +181,11 @@ def _rows_not_in(inputs: np.ndarray, others: np.ndarray) -> np.ndarray:
 
 
 def unseen_distances(learnt: np.ndarray, labels: np.ndarray, unseen: np.ndarray, classes: int) -> np.ndarray:
-    """Distances of ``unseen`` features in units of the ``learnt`` ones' own ``VALIDATION_QUANTILE`` distance,
-    all to the class means and covariance of ``learnt`` (a fold's training features, from the network trained on
-    them; ``unseen``: its validation features). Their ``VALIDATION_QUANTILE`` is the ``unseen_ratio``."""
+    """Distances of ``unseen`` features in units of the ``learnt`` ones' ``LEARNT_QUANTILE`` distance, all to the
+    class means and covariance of ``learnt`` (a fold's training features, from the network trained on them;
+    ``unseen``: its validation features). Their ``VALIDATION_QUANTILE`` is the ``unseen_ratio``."""
     fitted = fit_mahalanobis(unit_length(learnt), labels, classes)
-    inside = float(np.quantile(mahalanobis(unit_length(learnt), fitted), VALIDATION_QUANTILE))
+    inside = float(np.quantile(mahalanobis(unit_length(learnt), fitted), LEARNT_QUANTILE))
     return mahalanobis(unit_length(unseen), fitted) / max(inside, _EPS)
 
 
@@ -202,7 +206,7 @@ def with_ood(
 
     ``unseen_ratio``: the network has learnt every ``train`` input, ``val``'s too (a refit after fine-tuning), so
     leaving them out of the statistics would not make them new to it. The statistics then use every ``train``
-    input, and the scale is the validation inputs' ``VALIDATION_QUANTILE`` distance times the ratio that
+    input, and the scale is the validation inputs' ``LEARNT_QUANTILE`` distance times the ratio that
     cross-validation measured; :func:`fit_threshold` applies the same ratio.
     """
     features = penultimate(model)
@@ -222,7 +226,10 @@ def with_ood(
         raise ValueError("the out-of-distribution score needs validation inputs and training inputs not among them")
     fitted = fit_mahalanobis(unit(train[0], own), train[1][own], classes)
     distances = mahalanobis(unit(val, np.arange(len(val))), fitted)
-    quantile = float(np.quantile(distances, VALIDATION_QUANTILE)) * (unseen_ratio or 1.0)
+    if unseen_ratio:
+        quantile = float(np.quantile(distances, LEARNT_QUANTILE)) * unseen_ratio
+    else:
+        quantile = float(np.quantile(distances, VALIDATION_QUANTILE))
     fitted["scale"] = np.asarray(max(quantile / math.log(2), _EPS))
     dims, components = fitted["basis"].shape
     score = MahalanobisScore(classes, dims, components, name="ood_score")
@@ -236,17 +243,19 @@ def with_ood(
 def fit_threshold(validation_scores: np.ndarray, unseen_ratio: float | None = None) -> float:
     """The score above which an input is reported unknown: the ``VALIDATION_QUANTILE`` of the validation inputs.
 
-    With ``unseen_ratio`` (the network has learnt the validation inputs, see :func:`with_ood`), the score of that
-    quantile's distance times the ratio: ``1 - exp(-r d / scale) = 1 - (1 - score) ** r``, measured on the model
-    that ships, quantised or not.
+    With ``unseen_ratio`` (the network has learnt the validation inputs, see :func:`with_ood`), the score of their
+    ``LEARNT_QUANTILE`` distance times the ratio: ``1 - exp(-r d / scale) = 1 - (1 - score) ** r``, measured on
+    the model that ships, quantised or not.
 
     A threshold at the top of the score's range flags nothing. An int8 model can get there: its ranges are
     calibrated on training inputs, and on a tiny, trivially separable set the distances are all near zero or
     far beyond the threshold, so the quantised score only takes its two end values.
     """
-    threshold = float(np.quantile(validation_scores, VALIDATION_QUANTILE))
     if unseen_ratio:
-        threshold = 1.0 - (1.0 - threshold) ** unseen_ratio
+        learnt = float(np.quantile(validation_scores, LEARNT_QUANTILE))
+        threshold = 1.0 - (1.0 - learnt) ** unseen_ratio
+    else:
+        threshold = float(np.quantile(validation_scores, VALIDATION_QUANTILE))
     if threshold >= SATURATED:
         log.warning(
             "the exported model's ood score is saturated on validation inputs (threshold %.4f): no input can be "

@@ -407,8 +407,8 @@ class BackboneRun:
         else:
             settings = dict(self.settings, depth=name, trainable_layers=tuner.trainable)
             epochs, accuracy, loss = common_epoch(results)
-            # how much farther photos a fold's network had not learnt lie from its class means than the ones it
-            # had (at the 99th percentile; at least 1): the refit learns every photo the threshold is set on
+            # how much farther photos a fold's network had not learnt lie from its class means (their 99th
+            # percentile) than the ones it had (their median): the refit learns every photo the threshold is set on
             ratio = max(1.0, float(np.quantile(np.concatenate(unseen), VALIDATION_QUANTILE))) if unseen else None
             extra = {
                 "epochs": epochs,
