@@ -41,10 +41,10 @@ log = logging.getLogger("plcsense.training")
 
 OOD_SCORE = "mahalanobis"
 VALIDATION_QUANTILE = 0.99
-LEARNT_QUANTILE = 0.5
-"""The statistic of learnt inputs' distances that the ``unseen_ratio`` is measured in units of: their median."""
 """Share of validation inputs scored at or below the threshold: about 1 % of in-distribution inputs flagged.
 The validation distance at this quantile also maps to a score of 0.5, where an int8 output resolves best."""
+LEARNT_QUANTILE = 0.5
+"""The statistic of learnt inputs' distances that the ``unseen_ratio`` is measured in units of: their median."""
 SATURATED = 1 - 1 / 255
 """A threshold at or above this is at the top of an int8 output's range (one quantisation step below 1)."""
 INT8_NOTE = (

@@ -238,9 +238,9 @@ class BackboneRun:
         self.ready_trial: Trial | None = None
         """The trial whose model ``ready`` is: what the report names as chosen."""
         self.curves: dict[str, list[float]] = {}
+        """Fine-tuning curves (first fold) of the best fine-tuning trial."""
         self.unseen_ratio: float | None = None
         """The chosen fine-tuning's ``ood_unseen_ratio`` (see ``training/ood.py``)."""
-        """Fine-tuning curves (first fold) of the best fine-tuning trial."""
         interrupted = False
         try:
             self._frozen(sides)
