@@ -162,6 +162,22 @@ def test_16bit_greyscale_png_is_scaled_not_clipped():
     np.testing.assert_array_equal(decoded, (values >> 8).astype(np.float32))
 
 
+def test_12bit_camera_data_in_16bit_files_keeps_its_grey_levels():
+    """A 12-bit camera's photo in a 16-bit file uses 0..4095: with ``sample_bits`` 12 it spans 0..255 (a fixed
+    >> 8 left 16 grey levels), and values past 12 bits clip instead of wrapping."""
+    values = np.arange(0, 4096 * 2, 2, dtype=np.uint16).reshape(64, 64)
+    values[0, :4] = [0, 4095, 4096, 65535]
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="PNG")
+    spec = GREY_224.model_copy(update={"height": 64, "width": 64, "sample_bits": 12})
+    decoded = decode_image(buffer.getvalue(), spec)[..., 0]
+    np.testing.assert_array_equal(decoded, (np.minimum(values, 4095) >> 4).astype(np.float32))
+    assert decoded[0, :4].tolist() == [0, 255, 255, 255]
+    assert len(np.unique(decoded)) == 256
+    with pytest.raises(ValueError, match="sample_bits"):
+        ImageSpec(height=8, width=8, channels=1, color_mode="grayscale", sample_bits=11)
+
+
 @pytest.mark.parametrize("fmt", ["PPM", "TIFF"])  # a 16-bit PGM opens as Pillow's 32-bit mode "I"
 def test_16bit_greyscale_pgm_and_tiff_are_scaled_not_clipped(fmt):
     import io

@@ -12,6 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from PIL import Image
 
 from plcsense.cli import ARCHS
 from plcsense.models.backbones import (
@@ -394,6 +395,29 @@ def test_ctrl_c_in_the_refit_exports_the_best_fold_model(parts, tmp_path, monkey
     assert selection["chosen"]["stage"] == "fine-tune"
     assert selection["refit"] == "interrupted (Ctrl-C): the best fold's model is exported"
     assert m.metrics["ood_unseen_ratio"] >= 1
+
+
+def test_12bit_photos_train_and_predict_at_their_own_depth(parts, tmp_path):
+    """Photos of a 12-bit camera in 16-bit files: training finds the depth, keeps it in the bundle, and the
+    model sees every photo as the 8-bit original it was made from, in training and through the worker's
+    decoder."""
+    from plcsense.training.data import detect_sample_bits
+
+    root = tmp_path / "12bit"
+    for png in parts.rglob("*.png"):
+        target = root / png.relative_to(parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(Image.open(png), dtype=np.uint16) * 16).save(target)  # 0..4080
+    assert detect_sample_bits(sorted(root.rglob("*.png"))) == 12
+    assert detect_sample_bits(sorted(parts.rglob("*.png"))) == 16  # 8-bit photos: nothing to scale
+    cfg = ImageTrainConfig(arch="scratch", image_size=16, epochs=2, batch_size=8, augment=None, name="parts")
+    bundle = train_images(root, tmp_path / "b", cfg)
+    spec = bundle.manifest.input
+    assert spec.sample_bits == 12
+    photo = next((root / "test" / "dark").glob("*.png"))
+    original = parts / "test" / "dark" / photo.name
+    seen = [decode(p.read_bytes(), "image", bundle.manifest).array for p in (photo, original)]
+    np.testing.assert_array_equal(*seen)
 
 
 def test_corrupt_and_odd_images_are_handled(tmp_path):

@@ -63,6 +63,10 @@ class ImageSpec(_Strict):
     """``stretch``: resize any image to height x width (bilinear); ``exact``: reject other sizes."""
     scale: Literal["0-255"] = "0-255"
     """Pixel values are fed as float32 0..255; rescaling lives inside the model graph."""
+    sample_bits: Literal[10, 12, 14, 16] = 16
+    """Significant bits of 16-bit greyscale samples (a 12-bit camera's photos in 16-bit files: 12), chosen by
+    training from the photos: they become 0..255 by a shift of ``sample_bits - 8``, larger values clipped. 8-bit
+    photos are unaffected."""
 
     @model_validator(mode="after")
     def _channels_match_mode(self) -> ImageSpec:

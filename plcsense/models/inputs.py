@@ -72,8 +72,10 @@ def image_to_array(image: Image.Image, spec: ImageSpec, dtype: type[np.generic] 
     _check_exact_size(image.size, spec)
     if image.mode.startswith("I;16") or image.mode == "I":
         # 16-bit greyscale (PNG, TIFF; PGM opens as 32-bit "I"): Pillow's own conversion clips at 255 instead of
-        # scaling, which turns a whole photo white
-        image = Image.fromarray((np.clip(np.asarray(image), 0, 65535) >> 8).astype(np.uint8), mode="L")
+        # scaling, which turns a whole photo white; a fixed >> 8 would leave 12-bit camera data 16 grey levels
+        top = (1 << spec.sample_bits) - 1
+        scaled = np.clip(np.asarray(image), 0, top) >> (spec.sample_bits - 8)
+        image = Image.fromarray(scaled.astype(np.uint8), mode="L")
     image = image.convert("L" if spec.color_mode == "grayscale" else "RGB")
     if image.size != (spec.width, spec.height):
         image = image.resize((spec.width, spec.height), Image.Resampling.BILINEAR)

@@ -93,6 +93,35 @@ def require_examples(labels: np.ndarray, classes: list[str], where: Path, minimu
         )
 
 
+SAMPLE_BITS = (10, 12, 14, 16)
+"""What :attr:`ImageSpec.sample_bits` may be: the common depths of machine-vision cameras' greyscale data."""
+
+
+def detect_sample_bits(files: list[Path], sample: int = 50) -> int:
+    """Significant bits of the 16-bit greyscale photos among a sample of ``files`` (16 when there are none): the
+    fewest of ``SAMPLE_BITS`` that hold their brightest value.
+
+    One depth for the whole data set, kept in the bundle, so that the worker scales every photo the same way: a
+    12-bit camera's photos in 16-bit files use 0..4095, and the fixed >> 8 of 16-bit data left them 16 grey levels.
+    """
+    from PIL import Image
+
+    peak = None
+    for file in files[:: max(1, len(files) // sample)]:
+        try:
+            with Image.open(file) as image:
+                if image.mode.startswith("I;16") or image.mode == "I":
+                    peak = max(peak or 0, int(np.max(np.asarray(image))))
+        except (OSError, ValueError, Image.DecompressionBombError):  # loading it says why, once, by name
+            continue
+    if peak is None:
+        return 16
+    bits = next((b for b in SAMPLE_BITS if peak < 1 << b), 16)
+    if bits < 16:
+        log.info("16-bit photos use %d bits (brightest sampled value %d): scaled by >> %d", bits, peak, bits - 8)
+    return bits
+
+
 def load_image_folder(root: Path, spec: ImageSpec, classes: list[str] | None = None) -> ImageSet:
     """Load ``root/<class>/*.png|jpg...`` into arrays; corrupt files are skipped and listed."""
     names, per_class = class_files(root, classes, IMAGE_SUFFIXES, IMAGES)

@@ -21,7 +21,16 @@ from plcsense.models.backbones import augmentation, classifier, default_image_si
 from plcsense.models.bundle import Bundle, ImageSpec
 from plcsense.training.classifier import ClassifierRun, EpochBudget, Schedule, Splits
 from plcsense.training.clock import Clock
-from plcsense.training.data import IMAGE_SUFFIXES, ImageSet, class_folders, load_image_folder, require_examples
+from plcsense.training.data import (
+    IMAGE_SUFFIXES,
+    IMAGES,
+    ImageSet,
+    class_files,
+    class_folders,
+    detect_sample_bits,
+    load_image_folder,
+    require_examples,
+)
 from plcsense.training.export import check_output_dir
 from plcsense.training.image_config import ImageTrainConfig
 from plcsense.training.splits import split_indices
@@ -93,7 +102,10 @@ def _train_scratch(data_dir: Path, out: Path, cfg: ImageTrainConfig) -> Bundle:
     size = cfg.image_size or default_image_size(cfg.arch)
     mode = detect_color_mode(data_dir / "train" if (data_dir / "train").is_dir() else data_dir)
     mode = mode if cfg.color_mode == "auto" else cfg.color_mode
-    spec = ImageSpec(height=size, width=size, channels=1 if mode == "grayscale" else 3, color_mode=mode)
+    root = data_dir / "train" if (data_dir / "train").is_dir() else data_dir
+    bits = detect_sample_bits([f for _, found in class_files(root, None, IMAGE_SUFFIXES, IMAGES)[1] for f in found])
+    channels = 1 if mode == "grayscale" else 3
+    spec = ImageSpec(height=size, width=size, channels=channels, color_mode=mode, sample_bits=bits)
     splits = load_splits(data_dir, spec, cfg)
     patience = cfg.patience or 12  # the scratch CNN's validation loss wanders from epoch to epoch
     schedule = Schedule(patience=patience, lr_factor=0.3, lr_patience=max(1, patience // 2), min_lr=1e-7)

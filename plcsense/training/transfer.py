@@ -29,7 +29,14 @@ from plcsense.models.bundle import Bundle, ImageSpec
 from plcsense.models.inputs import InputError, load_image_file
 from plcsense.training.classifier import ClassifierRun, Schedule, Splits
 from plcsense.training.clock import Clock, epoch_figures
-from plcsense.training.data import IMAGE_SUFFIXES, IMAGES, DataError, class_files, require_examples
+from plcsense.training.data import (
+    IMAGE_SUFFIXES,
+    IMAGES,
+    DataError,
+    class_files,
+    detect_sample_bits,
+    require_examples,
+)
 from plcsense.training.image_config import ImageTrainConfig
 from plcsense.training.image_select import (
     DEPTHS,
@@ -78,9 +85,9 @@ def list_photos(root: Path, classes: list[str] | None = None, *, from_val: bool 
     return Photos(files, np.asarray(labels), np.full(len(files), from_val)), names
 
 
-def load_pixels(photos: Photos, side: int) -> tuple[np.ndarray, Photos]:
+def load_pixels(photos: Photos, side: int, sample_bits: int = 16) -> tuple[np.ndarray, Photos]:
     """(n, side, side, 3) uint8 through the worker's own decoder; unreadable files are left out and named."""
-    spec = ImageSpec(height=side, width=side, channels=3, color_mode="rgb")
+    spec = ImageSpec(height=side, width=side, channels=3, color_mode="rgb", sample_bits=sample_bits)
     pixels, kept, skipped = [], [], []
     for i, file in enumerate(photos.files):
         try:
@@ -225,6 +232,7 @@ class BackboneRun:
     def run(self, out: Path) -> Bundle:
         cfg, clock = self.cfg, self.clock
         native = native_side(self.pool.files)
+        self.bits = detect_sample_bits(self.pool.files)
         sides = resolutions(cfg.arch, native, cfg.image_size)
         clock.progress(
             "data", "%d classes, %d photos to learn from (median side %d px); resolutions to try %s",
@@ -274,7 +282,7 @@ class BackboneRun:
                 if cost > 0.3 * clock.remaining:
                     self.selection.skip("frozen", f"{side} px", f"~{cost:.0f} s of the {clock.remaining:.0f} s left")
                     continue
-            pixels, kept = load_pixels(self.pool, side)
+            pixels, kept = load_pixels(self.pool, side, self.bits)
             if self.selection is None:
                 self.pool = kept  # unreadable photos are left out of everything from here on
                 folds = self._folds()
@@ -545,7 +553,7 @@ class BackboneRun:
         self.backbone.set_weights(backbone_weights)
         net = classifier(self.cfg.arch, (side, side, 3), self.n_classes, pooling=pooling, backbone=self.backbone)
         net.head.set_weights(head_weights)
-        spec = ImageSpec(height=side, width=side, channels=3, color_mode="rgb")
+        spec = ImageSpec(height=side, width=side, channels=3, color_mode="rgb", sample_bits=self.bits)
         assert side == self.side, "a ready model is always at the resolution whose photos are loaded"
         pixels = self.pixels
         val_index = self.selection.folds.pairs[0][1]
@@ -553,7 +561,7 @@ class BackboneRun:
         # would take gigabytes)
         test = (np.zeros((0, side, side, 3), np.uint8), np.zeros(0, int))
         if self.test is not None:
-            test_pixels, tested = load_pixels(self.test, side)
+            test_pixels, tested = load_pixels(self.test, side, self.bits)
             test = (test_pixels, tested.labels)
         splits = Splits(
             self.classes, (pixels, self.pool.labels), (pixels[val_index], self.pool.labels[val_index]), test
