@@ -308,8 +308,8 @@ def test_a_photo_unreadable_at_the_second_resolution_skips_it(tmp_path, monkeypa
     write_image_folder(root, per_class=12, size=24)
     load_pixels = transfer.load_pixels
 
-    def second_read_loses_one(photos, side):
-        pixels, kept = load_pixels(photos, side)
+    def second_read_loses_one(photos, side, *args):
+        pixels, kept = load_pixels(photos, side, *args)
         if side == 224:
             return pixels[1:], kept.take(np.arange(1, len(kept.files)))
         return pixels, kept
