@@ -27,12 +27,10 @@ from plcsense.training.ood import (
     FITTED,
     SATURATED,
     _rows_not_in,
-    fit_mahalanobis,
     fit_threshold,
     mahalanobis,
     penultimate,
     unit_length,
-    unseen_distances,
     with_ood,
 )
 from plcsense.worker.decoders import decode
@@ -195,33 +193,3 @@ def test_validation_photos_in_the_training_part_are_left_out_of_the_fit():
     float32): the statistics must not see the validation photos, or their scores and the threshold come out low."""
     photos = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
     assert _rows_not_in(photos, photos[[2, 5]].astype(np.float32)).tolist() == [i not in (2, 5) for i in range(10)]
-
-
-def test_a_network_that_learnt_its_validation_photos_gets_the_unseen_ratio_on_its_threshold():
-    """A refit has learnt the validation photos: their distances are those of learnt photos, so the statistics
-    use every training photo and the scale (and threshold) is their median distance times the unseen ratio."""
-    net = classifier("mobilenet_v2", (32, 32, 3), 3, weights=None)
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0, 255, (30, 32, 32, 3)).astype(np.float32)
-    y = np.arange(30) % 3
-    features = unit_length(keras.Model(net.model.inputs, penultimate(net.model)).predict(x, verbose=0))
-    scored = with_ood(net.model, (x, y), x[24:], 3, batch_size=8, unseen_ratio=3.0)
-    scale = scored.get_layer("ood_score").get_weights()[FITTED.index("scale")]
-    learnt = np.median(mahalanobis(features[24:], fit_mahalanobis(features, y, 3)))
-    assert scale == pytest.approx(3.0 * learnt / np.log(2), rel=1e-3)
-    # the threshold is the score of that distance times the ratio: 0.5 for the float model's own scores
-    scores = scored.predict(x[24:], verbose=0)[:, 3]
-    assert fit_threshold(scores, 3.0) == pytest.approx(0.5, abs=2e-3)
-    assert fit_threshold(scores) != pytest.approx(0.5, abs=0.05)  # without the ratio: their 99th percentile
-
-
-def test_unseen_distances_are_in_units_of_the_learnt_ones():
-    """Learnt features measure 1 at their own median; features a network never learnt (here: farther from
-    their class means) measure more."""
-    rng = np.random.default_rng(1)
-    labels = np.arange(300) % 3
-    centres = rng.normal(0, 1, (3, 40))
-    learnt = centres[labels] + rng.normal(0, 0.3, (300, 40))
-    assert np.median(unseen_distances(learnt, labels, learnt, 3)) == pytest.approx(1.0, abs=1e-6)
-    unseen = centres[labels[:90]] + rng.normal(0, 0.6, (90, 40))
-    assert np.median(unseen_distances(learnt, labels, unseen, 3)) > 2

@@ -226,7 +226,6 @@ class ClassifierRun:
         held_out_name: str | None = None,
         extra_metrics: dict[str, float] | None = None,
         report_files: dict[str, str] | None = None,
-        ood_unseen_ratio: float | None = None,
     ) -> Bundle:
         """Export ``model`` with its manifest; test figures and ``report/`` come from the LiteRT model.
 
@@ -237,7 +236,6 @@ class ClassifierRun:
         that chose the epoch; ``fit`` when the model was refitted on it). ``test_unknown`` exists with a test part
         only: on the validation inputs the ood threshold was set on, it is about 1 % by construction;
         ``extra_metrics`` go into the manifest, ``report_files`` (name -> text) into ``report/``.
-        ``ood_unseen_ratio``: ``model`` has learnt the validation inputs (a refit); see :func:`with_ood`.
         """
         cfg, splits = self.cfg, self.splits
         manifest = new_manifest(
@@ -284,16 +282,14 @@ class ClassifierRun:
 
         def calibrate(lite: LiteRTModel) -> None:
             assert manifest.ood is not None
-            manifest.ood.threshold = fit_threshold(probabilities(lite, splits.val[0])[1], ood_unseen_ratio)
+            manifest.ood.threshold = fit_threshold(probabilities(lite, splits.val[0])[1])
             if tested:
                 ood = probabilities(lite, inputs)[1]
                 manifest.metrics["test_unknown"] = float(np.mean(ood > manifest.ood.threshold))
             if cfg.quantize == "int8":
                 log.warning(INT8_NOTE)
 
-        if ood_unseen_ratio:
-            manifest.metrics["ood_unseen_ratio"] = ood_unseen_ratio
-        model = with_ood(model, splits.train, splits.val[0], len(splits.classes), cfg.batch_size, ood_unseen_ratio)
+        model = with_ood(model, splits.train, splits.val[0], len(splits.classes), cfg.batch_size)
         quantization = Quantization(cfg.quantize, splits.train[0], cfg.min_agreement)
         return export_bundle(
             out, model, manifest, inputs, score, quantization=quantization, report=report, calibrate=calibrate

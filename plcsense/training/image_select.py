@@ -30,7 +30,6 @@ from sklearn.preprocessing import StandardScaler
 from plcsense.models.backbones import BACKBONES, preprocessed, top_part, unfreeze_above
 from plcsense.quiet import LITERT_STARTUP, without_lines
 from plcsense.training.export import to_tflite
-from plcsense.training.ood import penultimate
 
 FLIPS = ((False, False), (True, False), (False, True), (True, True))
 """Copies of each photo for augmentation: as is, mirrored left-right, top-bottom, both. Exact (no resampling
@@ -297,7 +296,6 @@ class FineTuner:
         x = preprocessed(arch, inputs) if cut is None else inputs
         self.model = keras.Model(inputs, head_model(upper(x, training=False)))
         self.trainable = unfreeze_above(backbone, cut)
-        self._features: keras.Model | None = None
         # compiled once: a fold or the refit resets the optimizer's state instead of retracing the step
         self.model.compile(
             optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
@@ -397,16 +395,6 @@ class FineTuner:
             return FineTuneResult(start_val[0], start_val[1], 0, stopped, curves, None, start_val)
         best.stopped, best.curves, best.start = stopped, curves, start_val
         return best
-
-    def features(self, batch_of: Callable, index: np.ndarray) -> np.ndarray:
-        """The head's input features (what the ood score reads) of photos ``index``, as they are (no flips)."""
-        if self._features is None:
-            self._features = keras.Model(self.model.inputs, penultimate(self.model))
-        parts = [
-            np.asarray(self._features.predict_on_batch(batch_of(part, np.zeros(len(part), int))))
-            for part in np.array_split(index, math.ceil(len(index) / 64))
-        ]
-        return np.concatenate(parts).reshape(len(index), -1)
 
     def _validate(self, batch_of: Callable, labels: np.ndarray, val: np.ndarray) -> tuple[float, float]:
         probabilities = self.model.predict(batch_of(val, np.zeros(len(val), int)), batch_size=64, verbose=0)

@@ -9,15 +9,6 @@ features; the threshold, the 99th percentile of the validation inputs' scores me
 model, from validation data only: about 1 % of inputs like the training data are flagged, and the test data is
 never looked at.
 
-A network refitted on its validation inputs has learnt them: their features sit closer to the class means than
-a new input's do, and a threshold at their 99th percentile flags several times the intended share of the user's
-own new photos (measured: a MobileNetV2 fine-tuned on an imbalanced NEU variant flagged 4.1 % of its test photos,
-0.5 % of its training photos). For such a model the threshold is the learnt inputs' median distance times the
-``unseen_ratio`` that cross-validation measured before the refit: the 99th percentile of the distances of inputs a
-fold's network had not learnt, over the median of those it had (:func:`unseen_distances`). The median, not a
-high quantile, of the learnt inputs: it carries the ratio from the fold's network to the refit's, and a high
-quantile of a few hundred distances rests on the few photos a network failed to learn.
-
 Chosen by measurement (threshold at the validation 99th / 95th percentile; share of foreign photos flagged, share
 of the model's own test photos flagged): digits scratch CNN <- NEU steel photos: unit-length Mahalanobis
 0.997 / 1.1 % (0.95: 1.000 / 2.2 %), energy score (Liu et al., NeurIPS 2020) 0.946 / 2.2 % (0.978 / 7.0 %), max
@@ -43,8 +34,6 @@ OOD_SCORE = "mahalanobis"
 VALIDATION_QUANTILE = 0.99
 """Share of validation inputs scored at or below the threshold: about 1 % of in-distribution inputs flagged.
 The validation distance at this quantile also maps to a score of 0.5, where an int8 output resolves best."""
-LEARNT_QUANTILE = 0.5
-"""The statistic of learnt inputs' distances that the ``unseen_ratio`` is measured in units of: their median."""
 SATURATED = 1 - 1 / 255
 """A threshold at or above this is at the top of an int8 output's range (one quantisation step below 1)."""
 INT8_NOTE = (
@@ -180,22 +169,8 @@ def _rows_not_in(inputs: np.ndarray, others: np.ndarray) -> np.ndarray:
     return np.array([_row_digest(row) not in seen for row in inputs], dtype=bool)
 
 
-def unseen_distances(learnt: np.ndarray, labels: np.ndarray, unseen: np.ndarray, classes: int) -> np.ndarray:
-    """Distances of ``unseen`` features in units of the ``learnt`` ones' ``LEARNT_QUANTILE`` distance, all to the
-    class means and covariance of ``learnt`` (a fold's training features, from the network trained on them;
-    ``unseen``: its validation features). Their ``VALIDATION_QUANTILE`` is the ``unseen_ratio``."""
-    fitted = fit_mahalanobis(unit_length(learnt), labels, classes)
-    inside = float(np.quantile(mahalanobis(unit_length(learnt), fitted), LEARNT_QUANTILE))
-    return mahalanobis(unit_length(unseen), fitted) / max(inside, _EPS)
-
-
 def with_ood(
-    model: keras.Model,
-    train: tuple[np.ndarray, np.ndarray],
-    val: np.ndarray,
-    classes: int,
-    batch_size: int,
-    unseen_ratio: float | None = None,
+    model: keras.Model, train: tuple[np.ndarray, np.ndarray], val: np.ndarray, classes: int, batch_size: int
 ) -> keras.Model:
     """``model`` with the ood score appended to its output: (n, classes) -> (n, classes + 1), weights shared.
 
@@ -203,11 +178,6 @@ def with_ood(
     (a final refit on training plus validation data passes both): the validation inputs must be ones the
     statistics have not seen, or their distances, the score's scale and the threshold come out too small. The
     scale is taken from the validation distances, the larger ones for a network that knows its training set.
-
-    ``unseen_ratio``: the network has learnt every ``train`` input, ``val``'s too (a refit after fine-tuning), so
-    leaving them out of the statistics would not make them new to it. The statistics then use every ``train``
-    input, and the scale is the validation inputs' ``LEARNT_QUANTILE`` distance times the ratio that
-    cross-validation measured; :func:`fit_threshold` applies the same ratio.
     """
     features = penultimate(model)
     extract = keras.Model(model.inputs, features)
@@ -221,16 +191,12 @@ def with_ood(
         ]
         return unit_length(np.concatenate(values).reshape(len(rows), -1))
 
-    own = np.arange(len(train[0])) if unseen_ratio else np.flatnonzero(_rows_not_in(train[0], val))
+    own = np.flatnonzero(_rows_not_in(train[0], val))
     if not len(own) or not len(val):
         raise ValueError("the out-of-distribution score needs validation inputs and training inputs not among them")
     fitted = fit_mahalanobis(unit(train[0], own), train[1][own], classes)
     distances = mahalanobis(unit(val, np.arange(len(val))), fitted)
-    if unseen_ratio:
-        quantile = float(np.quantile(distances, LEARNT_QUANTILE)) * unseen_ratio
-    else:
-        quantile = float(np.quantile(distances, VALIDATION_QUANTILE))
-    fitted["scale"] = np.asarray(max(quantile / math.log(2), _EPS))
+    fitted["scale"] = np.asarray(max(float(np.quantile(distances, VALIDATION_QUANTILE)) / math.log(2), _EPS))
     dims, components = fitted["basis"].shape
     score = MahalanobisScore(classes, dims, components, name="ood_score")
     flat = layers.Flatten(name="ood_features")(features) if len(features.shape) > 2 else features
@@ -240,22 +206,14 @@ def with_ood(
     return keras.Model(model.inputs, outputs, name=f"{model.name}_ood")
 
 
-def fit_threshold(validation_scores: np.ndarray, unseen_ratio: float | None = None) -> float:
+def fit_threshold(validation_scores: np.ndarray) -> float:
     """The score above which an input is reported unknown: the ``VALIDATION_QUANTILE`` of the validation inputs.
-
-    With ``unseen_ratio`` (the network has learnt the validation inputs, see :func:`with_ood`), the score of their
-    ``LEARNT_QUANTILE`` distance times the ratio: ``1 - exp(-r d / scale) = 1 - (1 - score) ** r``, measured on
-    the model that ships, quantised or not.
 
     A threshold at the top of the score's range flags nothing. An int8 model can get there: its ranges are
     calibrated on training inputs, and on a tiny, trivially separable set the distances are all near zero or
     far beyond the threshold, so the quantised score only takes its two end values.
     """
-    if unseen_ratio:
-        learnt = float(np.quantile(validation_scores, LEARNT_QUANTILE))
-        threshold = 1.0 - (1.0 - learnt) ** unseen_ratio
-    else:
-        threshold = float(np.quantile(validation_scores, VALIDATION_QUANTILE))
+    threshold = float(np.quantile(validation_scores, VALIDATION_QUANTILE))
     if threshold >= SATURATED:
         log.warning(
             "the exported model's ood score is saturated on validation inputs (threshold %.4f): no input can be "
