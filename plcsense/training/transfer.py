@@ -9,7 +9,8 @@ was skipped and why, and the choice):
 3. fine-tuning: the top quarter, half or whole backbone trained on cached activations, starting from that probe
    as the head, with warm-up and cosine decay and early stopping; kept only when it beats the frozen probe.
 4. refit: the winner trained again on all training and validation photos (for the epochs validation chose), then
-   exported. The test/ folder, when there is one, is only scored by the export.
+   exported; a fine-tuned network leaves ``CALIBRATION_SHARE`` of them out to set its ood threshold on. The test/
+   folder, when there is one, is only scored by the export.
 """
 
 from __future__ import annotations
