@@ -245,10 +245,7 @@ def test_transfer_learning_selects_by_validation_within_budget(parts, tmp_path):
         assert selection["chosen"]["stage"] in ("frozen", "augment")
     else:
         assert selection["chosen"]["val_accuracy"] == best["val_accuracy"]
-    if "kept out" in selection.get("refit", ""):  # a refit network: 3 of each class's 30 photos set the threshold
-        assert m.metrics["train_samples"] == 81 and m.metrics["val_samples"] == 9
-    else:  # frozen features: the refit probe learnt from train + val, and fold 0's validation photos are new to them
-        assert m.metrics["train_samples"] == 90
+    assert m.metrics["train_samples"] == 72 + 18  # the refit learnt from train + val (too few to keep any out)
     assert m.metrics["val_accuracy"] == pytest.approx(selection["chosen"]["val_accuracy"], abs=1e-4)
     assert selection["elapsed_s_at_export"] < 240
     assert any((tmp_path / "tb").rglob("events.out.tfevents.*"))
@@ -273,6 +270,35 @@ def test_a_refit_leaves_a_tenth_of_each_class_out_for_the_ood_threshold():
     assert np.bincount(labels[part], minlength=3).tolist() == [20, 3, 0]
     assert len(set(part.tolist())) == len(part)
     assert np.array_equal(part, calibration_part(labels, seed=0))
+    assert len(calibration_part(np.repeat([0, 1], [100, 99]), seed=0)) == 0  # 19: too few to set a threshold on
+
+
+def test_a_fine_tuned_refit_sets_its_ood_threshold_on_photos_it_never_learnt(parts, tmp_path, monkeypatch):
+    """The kept-out photos leave the refit and the ood statistics, and set the threshold."""
+    from plcsense.training import image_select, transfer
+
+    fit = image_select.FineTuner.fit
+
+    def fit_and_keep(self, *args, **kwargs):
+        result = fit(self, *args, **kwargs)
+        result.weights = result.weights or self.snapshot()  # as if an epoch had beaten the start in every fold
+        return result
+
+    monkeypatch.setattr(image_select.FineTuner, "fit", fit_and_keep)
+    monkeypatch.setattr(transfer, "common_epoch", lambda results: (1, *image_select.common_epoch(results)[1:]))
+    monkeypatch.setattr(  # fine-tuning wins
+        image_select.Trial, "key", lambda self: (self.stage == "fine-tune", round(self.accuracy, 4), -self.loss)
+    )
+    monkeypatch.setattr(transfer, "MIN_CALIBRATION", 9)  # the fixture's 90 photos keep 9 out
+    cfg = ImageTrainConfig(
+        arch="mobilenet_v2", weights=None, image_size=32, time_budget=240, name="parts",
+        fine_tune_layers=10, fine_tune_epochs=2,
+    )  # fmt: skip
+    m = train_images(parts, tmp_path / "b", cfg).manifest
+    selection = json.loads((tmp_path / "b" / "report" / "selection.json").read_text())
+    assert selection["refit"] == "fine-tuned on 81 photos for 1 epochs; 9 more, kept out, set the ood threshold"
+    assert m.metrics["train_samples"] == 81 and m.metrics["val_samples"] == 9
+    assert {"test_accuracy", "test_unknown"} <= set(m.metrics)
 
 
 def test_resolutions_tried_keep_the_detail_of_larger_photos():
