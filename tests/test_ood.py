@@ -184,7 +184,9 @@ def test_a_saturated_threshold_is_reported(caplog):
         assert fit_threshold(np.array([0.0, 0.0, 1.0, 1.0])) == 1.0
     assert "no input can be flagged unknown" in caplog.text
     caplog.clear()
-    assert fit_threshold(np.linspace(0, 0.5, 101)) == pytest.approx(0.495)
+    # the 99th percentile at position 0.99 (n + 1): the largest score is exceeded by 1 / (n + 1) of new ones
+    assert fit_threshold(np.linspace(0, 0.5, 101)) == pytest.approx(0.4999)
+    assert fit_threshold(np.linspace(0, 0.5, 36)) == 0.5
     assert not caplog.text
 
 

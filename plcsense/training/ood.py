@@ -34,6 +34,10 @@ OOD_SCORE = "mahalanobis"
 VALIDATION_QUANTILE = 0.99
 """Share of validation inputs scored at or below the threshold: about 1 % of in-distribution inputs flagged.
 The validation distance at this quantile also maps to a score of 0.5, where an int8 output resolves best."""
+QUANTILE_METHOD = "weibull"
+"""The k-th of n sorted scores is exceeded by (n + 1 - k) / (n + 1) of new inputs on average, so the quantile is
+read at position q (n + 1) (the largest score when that is past n). NumPy's default, at (n - 1) q + 1, flags about
+1 - (0.99 (n - 1) + 1) / (n + 1) instead: 1.7 % with 144 validation photos, 3.6 % with 36."""
 SATURATED = 1 - 1 / 255
 """A threshold at or above this is at the top of an int8 output's range (one quantisation step below 1)."""
 INT8_NOTE = (
@@ -196,7 +200,8 @@ def with_ood(
         raise ValueError("the out-of-distribution score needs validation inputs and training inputs not among them")
     fitted = fit_mahalanobis(unit(train[0], own), train[1][own], classes)
     distances = mahalanobis(unit(val, np.arange(len(val))), fitted)
-    fitted["scale"] = np.asarray(max(float(np.quantile(distances, VALIDATION_QUANTILE)) / math.log(2), _EPS))
+    quantile = float(np.quantile(distances, VALIDATION_QUANTILE, method=QUANTILE_METHOD))
+    fitted["scale"] = np.asarray(max(quantile / math.log(2), _EPS))
     dims, components = fitted["basis"].shape
     score = MahalanobisScore(classes, dims, components, name="ood_score")
     flat = layers.Flatten(name="ood_features")(features) if len(features.shape) > 2 else features
@@ -213,7 +218,7 @@ def fit_threshold(validation_scores: np.ndarray) -> float:
     calibrated on training inputs, and on a tiny, trivially separable set the distances are all near zero or
     far beyond the threshold, so the quantised score only takes its two end values.
     """
-    threshold = float(np.quantile(validation_scores, VALIDATION_QUANTILE))
+    threshold = float(np.quantile(validation_scores, VALIDATION_QUANTILE, method=QUANTILE_METHOD))
     if threshold >= SATURATED:
         log.warning(
             "the exported model's ood score is saturated on validation inputs (threshold %.4f): no input can be "

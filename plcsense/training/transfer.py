@@ -142,9 +142,9 @@ overshot, since those trained for other epoch counts than the refit (0 % own, 57
 
 
 MIN_CALIBRATION = 20
-"""Fewest photos a threshold is set on: the 99th percentile of n photos is exceeded by about 1 - 0.99 (n - 1) /
-(n + 1) of new ones (3.6 % at 36, 7 % at 20). Below this the refit keeps every photo and the threshold comes from
-validation photos it has learnt, as for the probe."""
+"""Fewest photos a threshold is set on: the largest of n photos' scores is exceeded by 1 / (n + 1) of new ones
+on average (4.8 % at 20). Below this the refit keeps every photo and the threshold comes from validation photos
+it has learnt, as for the probe."""
 
 
 def calibration_part(labels: np.ndarray, seed: int) -> np.ndarray:
