@@ -273,13 +273,16 @@ def test_a_refit_leaves_a_tenth_of_each_class_out_for_the_ood_threshold():
     assert len(calibration_part(np.repeat([0, 1], [100, 99]), seed=0)) == 0  # 19: too few to set a threshold on
 
 
-def test_a_fine_tuned_refit_sets_its_ood_threshold_on_photos_it_never_learnt(parts, tmp_path, monkeypatch):
-    """The kept-out photos leave the refit and the ood statistics, and set the threshold."""
+def train_with_fine_tuning_winning(parts, tmp_path, monkeypatch, *, interrupt_refit: bool = False):
+    """Train on ``parts`` with fine-tuning made to win (every fold beats its start, one epoch, fine-tuning trials
+    rank first); ``interrupt_refit``: Ctrl-C as the refit starts. Returns (manifest, selection report)."""
     from plcsense.training import image_select, transfer
 
     fit = image_select.FineTuner.fit
 
     def fit_and_keep(self, *args, **kwargs):
+        if interrupt_refit and kwargs.get("epochs"):  # the refit
+            raise KeyboardInterrupt
         result = fit(self, *args, **kwargs)
         result.weights = result.weights or self.snapshot()  # as if an epoch had beaten the start in every fold
         return result
@@ -289,13 +292,20 @@ def test_a_fine_tuned_refit_sets_its_ood_threshold_on_photos_it_never_learnt(par
     monkeypatch.setattr(  # fine-tuning wins
         image_select.Trial, "key", lambda self: (self.stage == "fine-tune", round(self.accuracy, 4), -self.loss)
     )
-    monkeypatch.setattr(transfer, "MIN_CALIBRATION", 9)  # the fixture's 90 photos keep 9 out
     cfg = ImageTrainConfig(
         arch="mobilenet_v2", weights=None, image_size=32, time_budget=240, name="parts",
         fine_tune_layers=10, fine_tune_epochs=2,
     )  # fmt: skip
     m = train_images(parts, tmp_path / "b", cfg).manifest
-    selection = json.loads((tmp_path / "b" / "report" / "selection.json").read_text())
+    return m, json.loads((tmp_path / "b" / "report" / "selection.json").read_text())
+
+
+def test_a_fine_tuned_refit_sets_its_ood_threshold_on_photos_it_never_learnt(parts, tmp_path, monkeypatch):
+    """The kept-out photos leave the refit and the ood statistics, and set the threshold."""
+    from plcsense.training import transfer
+
+    monkeypatch.setattr(transfer, "MIN_CALIBRATION", 9)  # the fixture's 90 photos keep 9 out
+    m, selection = train_with_fine_tuning_winning(parts, tmp_path, monkeypatch)
     assert selection["refit"] == "fine-tuned on 81 photos for 1 epochs; 9 more, kept out, set the ood threshold"
     assert m.metrics["train_samples"] == 81 and m.metrics["val_samples"] == 9
     assert {"test_accuracy", "test_unknown"} <= set(m.metrics)
@@ -405,28 +415,7 @@ def test_ctrl_c_after_fine_tuning_won_reports_the_model_it_exports(parts, tmp_pa
 def test_ctrl_c_in_the_refit_exports_the_best_fold_model(parts, tmp_path, monkeypatch):
     """A refit cut short is no model, but the best fold's fine-tuned network is a complete one that beat the
     probe: Ctrl-C in the refit exports it, and says so."""
-    from plcsense.training import image_select, transfer
-
-    fit = image_select.FineTuner.fit
-
-    def fit_or_interrupt(self, *args, **kwargs):
-        if kwargs.get("epochs"):  # the refit
-            raise KeyboardInterrupt
-        result = fit(self, *args, **kwargs)
-        result.weights = result.weights or self.snapshot()  # as if an epoch had beaten the start in every fold
-        return result
-
-    monkeypatch.setattr(image_select.FineTuner, "fit", fit_or_interrupt)
-    monkeypatch.setattr(transfer, "common_epoch", lambda results: (1, *image_select.common_epoch(results)[1:]))
-    monkeypatch.setattr(  # fine-tuning wins
-        image_select.Trial, "key", lambda self: (self.stage == "fine-tune", round(self.accuracy, 4), -self.loss)
-    )
-    cfg = ImageTrainConfig(
-        arch="mobilenet_v2", weights=None, image_size=32, time_budget=240, name="parts",
-        fine_tune_layers=10, fine_tune_epochs=2,
-    )  # fmt: skip
-    m = train_images(parts, tmp_path / "b", cfg).manifest
-    selection = json.loads((tmp_path / "b" / "report" / "selection.json").read_text())
+    m, selection = train_with_fine_tuning_winning(parts, tmp_path, monkeypatch, interrupt_refit=True)
     assert m.metrics["interrupted"] == 1.0
     assert selection["chosen"]["stage"] == "fine-tune"
     assert selection["refit"] == "interrupted (Ctrl-C): the best fold's model is exported"

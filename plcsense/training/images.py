@@ -100,9 +100,8 @@ def _train_scratch(data_dir: Path, out: Path, cfg: ImageTrainConfig) -> Bundle:
         class_weights=True if cfg.class_weights is None else cfg.class_weights,
     )
     size = cfg.image_size or default_image_size(cfg.arch)
-    mode = detect_color_mode(data_dir / "train" if (data_dir / "train").is_dir() else data_dir)
-    mode = mode if cfg.color_mode == "auto" else cfg.color_mode
     root = data_dir / "train" if (data_dir / "train").is_dir() else data_dir
+    mode = detect_color_mode(root) if cfg.color_mode == "auto" else cfg.color_mode
     bits = detect_sample_bits([f for _, found in class_files(root, None, IMAGE_SUFFIXES, IMAGES)[1] for f in found])
     channels = 1 if mode == "grayscale" else 3
     spec = ImageSpec(height=size, width=size, channels=channels, color_mode=mode, sample_bits=bits)

@@ -579,7 +579,7 @@ class BackboneRun:
         spec = ImageSpec(height=side, width=side, channels=3, color_mode="rgb", sample_bits=self.bits)
         assert side == self.side, "a ready model is always at the resolution whose photos are loaded"
         pixels = self.pixels
-        calibrated = self.calibration is not None and self.ready_trial.stage == "fine-tune"
+        calibrated = self.calibration is not None  # set by a completed refit only, whose model ships
         if calibrated:
             # a refit network has learnt every photo it trained on: the ood threshold comes from those it has not
             val_index = self.calibration
