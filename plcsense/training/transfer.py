@@ -77,6 +77,16 @@ class Photos:
         return Photos([self.files[i] for i in index], self.labels[index], self.from_val[index])
 
 
+@dataclass(frozen=True)
+class BestFold:
+    """The fine-tuning fold that validated best: its network, and the validation photos it never learnt."""
+
+    key: tuple[float, float]
+    """(validation accuracy, -loss)"""
+    weights: list[np.ndarray]
+    val: np.ndarray
+
+
 def list_photos(root: Path, classes: list[str] | None = None, *, from_val: bool = False) -> tuple[Photos, list[str]]:
     """``root/<class>/*`` image files; ``classes`` fixes the label order (a folder outside it is an error)."""
     names, per_class = class_files(root, classes, IMAGE_SUFFIXES, IMAGES)
@@ -404,7 +414,7 @@ class BackboneRun:
         tuner = self._tuner(cut)
         copies = len(self.pooled)
         results, epoch_seconds = [], []
-        best_fold: tuple[tuple[float, float], list[np.ndarray]] | None = None
+        best_fold: BestFold | None = None
         curves: dict[str, list[float]] = {}
         for k, (train, val) in enumerate(selection.folds.pairs):
             fold_end = started + budget * (k + 1) / len(selection.folds.pairs)
@@ -427,8 +437,8 @@ class BackboneRun:
                 on_epoch=on_epoch,
             )  # fmt: skip
             results.append(result)
-            if result.weights is not None and (best_fold is None or (result.accuracy, -result.loss) > best_fold[0]):
-                best_fold = ((result.accuracy, -result.loss), result.weights)
+            if result.weights is not None and (best_fold is None or (result.accuracy, -result.loss) > best_fold.key):
+                best_fold = BestFold((result.accuracy, -result.loss), result.weights, val)
             if k == 0:
                 curves = result.curves
             if clock.elapsed > started + budget and k + 1 < len(selection.folds.pairs):
@@ -469,7 +479,7 @@ class BackboneRun:
             if best_fold is None:  # no fold's model beat its own start: there is none to export
                 self.selection.notes["refit"] = f"no time to refit (~{cost:.0f} s): the frozen probe is exported"
                 return
-            tuner.restore(best_fold[1])
+            self._restore(tuner, best_fold)
             self.selection.notes["refit"] = f"no time to refit (~{cost:.0f} s): the best fold's model is exported"
         else:
             self.clock.progress(
@@ -486,7 +496,7 @@ class BackboneRun:
             except KeyboardInterrupt:
                 # a refit cut short is no model; the best fold's is a complete one that beat the probe
                 if best_fold is not None:
-                    tuner.restore(best_fold[1])
+                    self._restore(tuner, best_fold)
                     self.selection.notes["refit"] = "interrupted (Ctrl-C): the best fold's model is exported"
                     self._ready_now(best)
                 raise
@@ -495,6 +505,12 @@ class BackboneRun:
             )
             self.calibration = calibration if len(calibration) else None
         self._ready_now(best)
+
+    def _restore(self, tuner: FineTuner, fold: BestFold) -> None:
+        """The best fold's network instead of a refit; its validation photos, which it never learnt, set its ood
+        threshold."""
+        tuner.restore(fold.weights)
+        self.calibration = fold.val
 
     def _ready_now(self, trial: Trial) -> None:
         """The backbone and head as they are now are the model to export, ``trial``'s."""
@@ -579,9 +595,9 @@ class BackboneRun:
         spec = ImageSpec(height=side, width=side, channels=3, color_mode="rgb", sample_bits=self.bits)
         assert side == self.side, "a ready model is always at the resolution whose photos are loaded"
         pixels = self.pixels
-        calibrated = self.calibration is not None  # set by a completed refit only, whose model ships
+        calibrated = self.calibration is not None  # set when a fine-tuned network ships, a refit or a fold's
         if calibrated:
-            # a refit network has learnt every photo it trained on: the ood threshold comes from those it has not
+            # a fine-tuned network has learnt every photo it trained on: the ood threshold comes from those it has not
             val_index = self.calibration
             learnt = np.setdiff1d(np.arange(len(pixels)), val_index)
         else:
