@@ -368,6 +368,37 @@ def test_a_photo_unreadable_at_the_second_resolution_skips_it(tmp_path, monkeypa
     assert any(s["candidate"] == "224 px" and "no longer be read" in s["reason"] for s in selection["skipped"])
 
 
+def test_caches_that_would_not_fit_in_memory_are_skipped_with_the_reason(tmp_path, monkeypatch):
+    """A few thousand large photos: a larger resolution's photos and activations, or the flipped copies'
+    activations, that would take more than half the available memory are skipped, not allocated until the
+    kernel kills the run."""
+    from plcsense.training import memory
+
+    root = tmp_path / "photos"
+    write_image_folder(root, per_class=12, size=24)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1_000_000)  # 1 MB: nothing more fits
+    cfg = ImageTrainConfig(arch="mobilenet_v2", weights=None, fine_tune_layers=0, time_budget=240)
+    train_images(root, tmp_path / "b", cfg)
+    selection = json.loads((tmp_path / "b" / "report" / "selection.json").read_text())
+    assert {t["resolution"] for t in selection["trials"]} == {32}
+    reasons = {s["candidate"]: s["reason"] for s in selection["skipped"]}
+    assert "GB of memory available" in reasons["224 px"] and "GB of memory available" in reasons["flips"]
+
+
+def test_available_memory_is_the_machine_s_capped_by_a_container_limit(tmp_path):
+    from plcsense.training.memory import available_bytes
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       16000000 kB\nMemAvailable:    8000000 kB\n")
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text("4096000000\n")
+    usage.write_text("1024000000\n")
+    assert available_bytes(meminfo, [(limit, usage)]) == 3_072_000_000
+    limit.write_text("max\n")  # a container without a limit
+    assert available_bytes(meminfo, [(limit, usage)]) == 8_192_000_000
+    assert available_bytes(tmp_path / "absent", [(tmp_path / "absent", usage)]) is None
+
+
 def test_interrupted_selection_exports_the_best_model_so_far(parts, tmp_path, monkeypatch):
     """Ctrl-C in fine-tuning: the frozen probe chosen so far is exported, marked interrupted."""
     from plcsense.training import image_select

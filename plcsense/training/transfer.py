@@ -54,6 +54,7 @@ from plcsense.training.image_select import (
     pooled_view,
     probe_trial,
 )
+from plcsense.training.memory import too_big
 from plcsense.training.splits import split_indices
 
 log = logging.getLogger("plcsense.training")
@@ -313,11 +314,16 @@ class BackboneRun:
         # weighting chosen on the features of a resolution that then loses by ten points is no choice for the winner
         plan = [("strength", STRENGTHS), ("pooling", POOLINGS), ("weighting", weightings)]
         base: dict[str, object] = {"pooling": "avg", "weighting": weightings[0]}
+        first_bytes = 0  # the first resolution's photos and activations, which a larger one scales up
         for i, side in enumerate(sides):
             if i:
                 cost = self._extract_seconds(side) * 1.5
                 if cost > 0.3 * clock.remaining:
                     self.selection.skip("frozen", f"{side} px", f"~{cost:.0f} s of the {clock.remaining:.0f} s left")
+                    continue
+                refused = too_big(int(first_bytes * (side / sides[0]) ** 2))
+                if refused:
+                    self.selection.skip("frozen", f"{side} px", f"its photos and activations {refused}")
                     continue
             pixels, kept = load_pixels(self.pool, side, self.bits)
             if self.selection is None:
@@ -329,6 +335,8 @@ class BackboneRun:
                 self.selection.skip("frozen", f"{side} px", "a photo could no longer be read (changed during the run?)")
                 continue
             pooled, acts = self.tap.run(pixels)
+            if not i:
+                first_bytes = pixels.nbytes + pooled.nbytes + sum(a.nbytes for a in acts)
             clock.progress("frozen", "%d px features (%.0f photos/s at 224 px)", side, self.tap.rate)
             tried: set[frozenset] = set()
             for name, values in plan:
@@ -360,6 +368,10 @@ class BackboneRun:
         cost = (len(FLIPS) - 1) * self._extract_seconds(self.side)
         if cost > 0.35 * (clock.remaining - self._export_seconds()):
             selection.skip("augment", "flips", f"copies would take ~{cost:.0f} s of the {clock.remaining:.0f} s left")
+            return
+        refused = too_big((len(FLIPS) - 1) * (self.pooled[0].nbytes + sum(a.nbytes for a in self.acts[0])))
+        if refused:
+            selection.skip("augment", "flips", f"the copies' activations {refused}")
             return
         for copy in range(1, len(FLIPS)):
             pooled, acts = self.tap.run(self.pixels, copy)
