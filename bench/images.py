@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from neu_variants import DEV, HELD_BACK, redrawn, write_variant
+from neu_variants import DEV, HELD_BACK, PASTED, Pasted, redrawn, write_pasted, write_variant
 from sklearn.model_selection import train_test_split
 
 from plcsense.models.bundle import Bundle, load_bundle, split_outputs
@@ -115,7 +115,9 @@ def main() -> None:
     )
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--time-budget", type=float, default=600.0)
-    parser.add_argument("--variant", choices=sorted({**DEV, **HELD_BACK}), help="a harder NEU variant instead of NEU")
+    parser.add_argument(
+        "--variant", choices=sorted({**DEV, **HELD_BACK, **PASTED}), help="a harder NEU variant instead of NEU"
+    )
     parser.add_argument("--probe", action="store_true", help="also score the linear-probe baseline")
     parser.add_argument(
         "--draw", type=int, default=0, help="with --variant: another random draw of its photos (0: the variant's own)"
@@ -126,9 +128,10 @@ def main() -> None:
     device = configure()  # backend, device and precision, as `plcsense train` sets them
 
     if args.variant:
-        variant = {**DEV, **HELD_BACK}[args.variant]
+        variant = {**DEV, **HELD_BACK, **PASTED}[args.variant]
         name = args.variant + (f"-draw{args.draw}" if args.draw else "")
-        split = write_variant(redrawn(variant, args.draw), args.workdir / "variants" / name)
+        write = write_pasted if isinstance(variant, Pasted) else write_variant
+        split = write(redrawn(variant, args.draw), args.workdir / "variants" / name)
     else:
         split = args.workdir / "split"
         split_folder(args.data, split)
