@@ -273,9 +273,12 @@ def test_a_refit_leaves_a_tenth_of_each_class_out_for_the_ood_threshold():
     assert len(calibration_part(np.repeat([0, 1], [100, 99]), seed=0)) == 0  # 19: too few to set a threshold on
 
 
-def train_with_fine_tuning_winning(parts, tmp_path, monkeypatch, *, interrupt_refit: bool = False):
+def train_with_fine_tuning_winning(
+    parts, tmp_path, monkeypatch, *, interrupt_refit: bool = False, preferred_rate: float | None = None
+):
     """Train on ``parts`` with fine-tuning made to win (every fold beats its start, one epoch, fine-tuning trials
-    rank first); ``interrupt_refit``: Ctrl-C as the refit starts. Returns (manifest, selection report)."""
+    rank first, those at ``preferred_rate`` before the others); ``interrupt_refit``: Ctrl-C as the refit starts.
+    Returns (manifest, selection report)."""
     from plcsense.training import image_select, transfer
 
     fit = image_select.FineTuner.fit
@@ -290,7 +293,14 @@ def train_with_fine_tuning_winning(parts, tmp_path, monkeypatch, *, interrupt_re
     monkeypatch.setattr(image_select.FineTuner, "fit", fit_and_keep)
     monkeypatch.setattr(transfer, "common_epoch", lambda results: (1, *image_select.common_epoch(results)[1:]))
     monkeypatch.setattr(  # fine-tuning wins
-        image_select.Trial, "key", lambda self: (self.stage == "fine-tune", round(self.accuracy, 4), -self.loss)
+        image_select.Trial,
+        "key",
+        lambda self: (
+            self.stage == "fine-tune",
+            self.settings.get("learning_rate") == preferred_rate,
+            round(self.accuracy, 4),
+            -self.loss,
+        ),
     )
     cfg = ImageTrainConfig(
         arch="mobilenet_v2", weights=None, image_size=32, time_budget=240, name="parts",
@@ -309,6 +319,27 @@ def test_a_fine_tuned_refit_sets_its_ood_threshold_on_photos_it_never_learnt(par
     assert selection["refit"] == "fine-tuned on 81 photos for 1 epochs; 9 more, kept out, set the ood threshold"
     assert m.metrics["train_samples"] == 81 and m.metrics["val_samples"] == 9
     assert {"test_accuracy", "test_unknown"} <= set(m.metrics)
+
+
+def test_fine_tuning_chooses_its_learning_rate_by_validation_and_refits_with_it(parts, tmp_path, monkeypatch):
+    """Frozen features that already fit want small steps, poor ones larger: both rates are tried at the first
+    depth, and the refit trains at the one that validated better."""
+    from plcsense.training import image_select
+
+    rates = []
+    init = image_select.FineTuner.__init__
+
+    def recording(self, *args, **kwargs):
+        rates.append(kwargs["learning_rate"])
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(image_select.FineTuner, "__init__", recording)
+    preferred = image_select.LEARNING_RATES[-1]  # not the first tried, so the refit cannot pass by chance
+    _, selection = train_with_fine_tuning_winning(parts, tmp_path, monkeypatch, preferred_rate=preferred)
+    tried = [t["learning_rate"] for t in selection["trials"] if t["stage"] == "fine-tune"]
+    assert tried == list(image_select.LEARNING_RATES) and selection["chosen"]["learning_rate"] == preferred
+    assert rates == [*image_select.LEARNING_RATES, preferred]  # each trial, then the refit
+    assert selection["refit"].startswith("fine-tuned on")
 
 
 def test_resolutions_tried_keep_the_detail_of_larger_photos():

@@ -58,12 +58,9 @@ class ImageTrainConfig(ClassifierConfig):
     fine_tune_layers: int | None = None
     """Default: chosen by validation (head only, the top quarter, the top half or the whole backbone); 0: head
     only; N: the top N layers (rounded down to where the backbone can be cut)."""
-    fine_tune_learning_rate: float = 1e-5
-    """Peak learning rate of fine-tuning (Adam), reached after a one-epoch warm-up, then cosine decay. Fine-tuning
-    starts from a probe that often fits the training photos already (loss ~0.002 on the NEU variants of
-    ``bench/neu_variants.py``), and Adam's steps are about the learning rate whatever the gradient: at 1e-4 they
-    shook the backbone (validation accuracy 0.74-0.87 after the first epoch, from 0.98) and fine-tuning was
-    thrown away in 2 of 3 folds of grey64; at 1e-5 it improved on the probe in every dev variant's validation."""
+    fine_tune_learning_rate: float | None = None
+    """Peak learning rate of fine-tuning (Adam), reached after a one-epoch warm-up, then cosine decay. Default:
+    chosen by validation among ``image_select.LEARNING_RATES`` at the first depth tried."""
     time_budget: float = 600.0
     """Seconds for the whole run, export included, on this machine: the selection plans its trials to fit; the
     scratch CNN stops when another epoch would not leave time for the export."""

@@ -42,6 +42,7 @@ from plcsense.training.image_config import ImageTrainConfig
 from plcsense.training.image_select import (
     DEPTHS,
     FLIPS,
+    LEARNING_RATES,
     STRENGTHS,
     WEIGHTINGS,
     FineTuner,
@@ -398,32 +399,41 @@ class BackboneRun:
         folds = selection.folds.pairs
         n_fold = float(np.mean([len(t) for t, _ in folds]))
         previous: tuple[str, float] | None = None
+        rates = LEARNING_RATES if self.cfg.fine_tune_learning_rate is None else (self.cfg.fine_tune_learning_rate,)
         for name, cut in self.depths.items():
-            available = clock.remaining - self._export_seconds()
-            share = len(folds) * n_fold / (len(folds) * n_fold + len(self.pool.files))
-            budget = available * share
-            if previous:
-                epoch = previous[1] * DEPTH_COST.get(name, 1.0) / DEPTH_COST.get(previous[0], 1.0)
-                if 3 * epoch * len(folds) > budget:
-                    selection.skip(
-                        "fine-tune",
-                        name,
-                        f"3 epochs x {len(folds)} folds ~{3 * epoch * len(folds):.0f} s, {budget:.0f} s available",
-                    )
+            # the first depth tried tries every rate, a deeper one the rate of the best fine-tuning so far
+            for rate in rates if previous is None else (self._best_rate(rates),):
+                candidate = name if len(rates) == 1 else f"{name}, learning rate {rate:g}"
+                available = clock.remaining - self._export_seconds()
+                share = len(folds) * n_fold / (len(folds) * n_fold + len(self.pool.files))
+                budget = available * share
+                if previous:
+                    epoch = previous[1] * DEPTH_COST.get(name, 1.0) / DEPTH_COST.get(previous[0], 1.0)
+                    if 3 * epoch * len(folds) > budget:
+                        selection.skip(
+                            "fine-tune",
+                            candidate,
+                            f"3 epochs x {len(folds)} folds ~{3 * epoch * len(folds):.0f} s, {budget:.0f} s available",
+                        )
+                        continue
+                if budget < 20:
+                    selection.skip("fine-tune", candidate, f"{budget:.0f} s available")
                     continue
-            if budget < 20:
-                selection.skip("fine-tune", name, f"{budget:.0f} s available")
-                continue
-            result = self._fine_tune_trial(name, cut, budget)
-            if result is not None:
-                previous = (name, result)
+                result = self._fine_tune_trial(name, cut, budget, rate)
+                if result is not None:
+                    previous = (name, result)
 
-    def _fine_tune_trial(self, name: str, cut: str | None, budget: float) -> float | None:
+    def _best_rate(self, rates: tuple[float, ...]) -> float:
+        """The learning rate of the best fine-tuning trial so far (the first of ``rates`` when there is none)."""
+        tuned = [t for t in self.selection.trials if t.stage == "fine-tune"]
+        return float(max(tuned, key=Trial.key).settings["learning_rate"]) if tuned else rates[0]
+
+    def _fine_tune_trial(self, name: str, cut: str | None, budget: float, rate: float) -> float | None:
         """All folds of one depth, a trial when they all fit the budget; returns the seconds an epoch took (None
         when not one was measured), which plans the deeper depths either way."""
         cfg, clock, selection = self.cfg, self.clock, self.selection
         started = clock.elapsed
-        tuner = self._tuner(cut)
+        tuner = self._tuner(cut, rate)
         copies = len(self.pooled)
         results, epoch_seconds = [], []
         best_fold: BestFold | None = None
@@ -438,8 +448,8 @@ class BackboneRun:
                 epoch_seconds.append(clock.elapsed - timer["start"])
                 timer["start"] = clock.elapsed
                 clock.progress(
-                    "fine-tune", "%s, fold %d/%d, epoch %d: %s", name, k + 1, len(selection.folds.pairs), epoch,
-                    epoch_figures(figures),
+                    "fine-tune", "%s, learning rate %g, fold %d/%d, epoch %d: %s", name, rate, k + 1,
+                    len(selection.folds.pairs), epoch, epoch_figures(figures),
                 )  # fmt: skip
 
             result = tuner.fit(
@@ -457,7 +467,7 @@ class BackboneRun:
                 selection.skip("fine-tune", name, f"the budget ended after fold {k + 1}")
                 break
         else:
-            settings = dict(self.settings, depth=name, trainable_layers=tuner.trainable)
+            settings = dict(self.settings, depth=name, trainable_layers=tuner.trainable, learning_rate=rate)
             epochs, accuracy, loss = common_epoch(results)
             extra = {
                 "epochs": epochs,
@@ -466,7 +476,7 @@ class BackboneRun:
             }
             trial = selection.add(Trial("fine-tune", settings, accuracy, loss, clock.elapsed - started, extra))
             if trial is selection.best:
-                self.tuned = (cut, epochs, float(np.mean(epoch_seconds)), best_fold)
+                self.tuned = (cut, rate, epochs, float(np.mean(epoch_seconds)), best_fold)
                 self.curves = curves
         self.backbone.set_weights(self.pretrained)
         return float(np.mean(epoch_seconds)) if epoch_seconds else None
@@ -476,12 +486,12 @@ class BackboneRun:
         best = self.selection.best
         if best.stage != "fine-tune":
             return
-        cut, epochs, epoch_seconds, best_fold = self.tuned
+        cut, rate, epochs, epoch_seconds, best_fold = self.tuned
         if epochs == 0:
             self.selection.notes["refit"] = "fine-tuning never beat its starting point: the frozen probe is exported"
             return
         self.backbone.set_weights(self.pretrained)
-        tuner = self._tuner(cut)
+        tuner = self._tuner(cut, rate)
         calibration = calibration_part(self.pool.labels, self.cfg.seed)
         everything = np.setdiff1d(np.arange(len(self.pool.files)), calibration)
         self._set_head(tuner, everything)
@@ -560,11 +570,11 @@ class BackboneRun:
         channels = self.backbone.output.shape[-1]
         return head((None, None, channels), self.n_classes, pooling=str(self.settings["pooling"]), dropout=0.0)
 
-    def _tuner(self, cut: str | None) -> FineTuner:
+    def _tuner(self, cut: str | None, rate: float) -> FineTuner:
         self.head = self._new_head()
         return FineTuner(
             self.cfg.arch, self.backbone, self.head, cut, self.n_classes,
-            learning_rate=self.cfg.fine_tune_learning_rate, batch_size=self.cfg.batch_size, seed=self.cfg.seed,
+            learning_rate=rate, batch_size=self.cfg.batch_size, seed=self.cfg.seed,
         )  # fmt: skip
 
     def _probe(self, index: np.ndarray) -> Probe:
