@@ -305,6 +305,7 @@ def train_with_fine_tuning_winning(
     cfg = ImageTrainConfig(
         arch="mobilenet_v2", weights=None, image_size=32, time_budget=240, name="parts",
         fine_tune_layers=10, fine_tune_epochs=2,
+        fine_tune_learning_rate=None if preferred_rate else 1e-5,  # one trial, unless the rate is what is tested
     )  # fmt: skip
     m = train_images(parts, tmp_path / "b", cfg).manifest
     return m, json.loads((tmp_path / "b" / "report" / "selection.json").read_text())
@@ -464,6 +465,7 @@ def test_ctrl_c_after_fine_tuning_won_reports_the_model_it_exports(parts, tmp_pa
     cfg = ImageTrainConfig(
         arch="mobilenet_v2", weights=None, image_size=32, time_budget=240, name="parts",
         fine_tune_layers=10, fine_tune_epochs=2,  # one short depth: a fine-tuning trial is all this needs
+        fine_tune_learning_rate=1e-5,
     )  # fmt: skip
     m = train_images(parts, tmp_path / "b", cfg).manifest
     selection = json.loads((tmp_path / "b" / "report" / "selection.json").read_text())
