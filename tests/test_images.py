@@ -343,6 +343,29 @@ def test_fine_tuning_chooses_its_learning_rate_by_validation_and_refits_with_it(
     assert selection["refit"].startswith("fine-tuned on")
 
 
+def test_a_learning_rate_is_dropped_only_when_it_validates_less_accurately():
+    """A deeper depth tries every rate that has not lost on accuracy: a tie (often both at the probe they start
+    from) says nothing about which rate the deeper layers want."""
+    from types import SimpleNamespace
+
+    from plcsense.training.image_select import Trial
+    from plcsense.training.transfer import BackboneRun
+
+    def run_with(*trials: tuple[float, float, float]) -> list[float]:
+        run = BackboneRun.__new__(BackboneRun)
+        run.selection = SimpleNamespace(
+            trials=[Trial("frozen", {}, 0.9, 0.3, 1.0)]
+            + [Trial("fine-tune", {"learning_rate": r}, acc, loss, 1.0) for r, acc, loss in trials]
+        )
+        return run._rates_left((1e-5, 1e-4))
+
+    assert run_with() == [1e-5, 1e-4]
+    assert run_with((1e-5, 0.73104, 0.82), (1e-4, 0.73096, 0.95)) == [1e-5, 1e-4]  # equal to 4 places, losses apart
+    assert run_with((1e-5, 0.7310, 0.82), (1e-4, 0.8234, 0.62)) == [1e-4]
+    assert run_with((1e-5, 0.7310, 0.82), (1e-4, 0.7310, 0.82), (1e-5, 0.7363, 0.93)) == [1e-5]
+    assert run_with((1e-5, 0.7310, 0.82)) == [1e-5, 1e-4]  # 1e-4 skipped for time: not lost
+
+
 def test_resolutions_tried_keep_the_detail_of_larger_photos():
     from plcsense.training.transfer import resolutions
 

@@ -60,7 +60,7 @@ class ImageTrainConfig(ClassifierConfig):
     only; N: the top N layers (rounded down to where the backbone can be cut)."""
     fine_tune_learning_rate: float | None = None
     """Peak learning rate of fine-tuning (Adam), reached after a one-epoch warm-up, then cosine decay. Default:
-    chosen by validation among ``image_select.LEARNING_RATES`` at the first depth tried."""
+    chosen by validation among ``image_select.LEARNING_RATES``."""
     time_budget: float = 600.0
     """Seconds for the whole run, export included, on this machine: the selection plans its trials to fit; the
     scratch CNN stops when another epoch would not leave time for the export."""

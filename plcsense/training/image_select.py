@@ -42,11 +42,12 @@ DEPTHS = {"top": 0.75, "half": 0.5, "whole": 0.0}
 STRENGTHS = (0.1, 1.0)
 """Inverse L2 strengths of the logistic regression on standardised features."""
 LEARNING_RATES = (1e-5, 1e-4)
-"""Peak fine-tuning rates (Adam) tried at the first depth; deeper depths use the better one. Adam's steps are about
-the rate whatever the gradient. 1e-5 keeps a backbone whose frozen features already score ~98 % (the NEU variants
-of ``bench/neu_variants.py``, where 1e-4 shook it: 0.74-0.87 validation accuracy after the first epoch, from
-0.98). 1e-4 moves one whose frozen features fall short: on ``pasted320`` (small defects on a textured surface)
-the probe validated at 0.77, fine-tuning at 1e-5 at 0.78 and at 1e-4 at 0.82; 1e-3 collapsed."""
+"""Peak fine-tuning rates (Adam), each tried at the first depth and at deeper ones until it validates less
+accurately than the other. Adam's steps are about the rate whatever the gradient. 1e-5 keeps a backbone whose
+frozen features already score ~98 % (the NEU variants of ``bench/neu_variants.py``, where 1e-4 shook it: 0.74-0.87
+validation accuracy after the first epoch, from 0.98). 1e-4 moves one whose frozen features fall short: on
+``pasted320`` (small defects on a textured surface, 320 px) the probe validated at 0.77, the top quarter
+fine-tuned at 1e-5 at 0.78 and at 1e-4 at 0.82; 1e-3 collapsed."""
 
 
 @dataclass(frozen=True)

@@ -401,8 +401,8 @@ class BackboneRun:
         previous: tuple[str, float] | None = None
         rates = LEARNING_RATES if self.cfg.fine_tune_learning_rate is None else (self.cfg.fine_tune_learning_rate,)
         for name, cut in self.depths.items():
-            # the first depth tried tries every rate, a deeper one the rate of the best fine-tuning so far
-            for rate in rates if previous is None else (self._best_rate(rates),):
+            # a deeper depth tries the rates that have not lost on validation accuracy at a shallower one
+            for rate in self._rates_left(rates):
                 candidate = name if len(rates) == 1 else f"{name}, learning rate {rate:g}"
                 available = clock.remaining - self._export_seconds()
                 share = len(folds) * n_fold / (len(folds) * n_fold + len(self.pool.files))
@@ -423,10 +423,16 @@ class BackboneRun:
                 if result is not None:
                     previous = (name, result)
 
-    def _best_rate(self, rates: tuple[float, ...]) -> float:
-        """The learning rate of the best fine-tuning trial so far (the first of ``rates`` when there is none)."""
-        tuned = [t for t in self.selection.trials if t.stage == "fine-tune"]
-        return float(max(tuned, key=Trial.key).settings["learning_rate"]) if tuned else rates[0]
+    def _rates_left(self, rates: tuple[float, ...]) -> list[float]:
+        """``rates`` less those whose best fine-tuning trial so far validated less accurately than another's. A
+        difference in loss alone keeps both: at the top quarter, often neither beats the probe it starts from, and
+        which rate the deeper parts want is then still open."""
+        best: dict[float, float] = {}
+        for t in self.selection.trials:
+            if t.stage == "fine-tune":
+                rate = float(t.settings["learning_rate"])
+                best[rate] = max(best.get(rate, 0.0), round(t.accuracy, 4))
+        return [r for r in rates if best.get(r, 1.0) >= max(best.values(), default=0.0)]
 
     def _fine_tune_trial(self, name: str, cut: str | None, budget: float, rate: float) -> float | None:
         """All folds of one depth, a trial when they all fit the budget; returns the seconds an epoch took (None
