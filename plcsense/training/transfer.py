@@ -470,7 +470,7 @@ class BackboneRun:
             if k == 0:
                 curves = result.curves
             if clock.elapsed > started + budget and k + 1 < len(selection.folds.pairs):
-                selection.skip("fine-tune", name, f"the budget ended after fold {k + 1}")
+                selection.skip("fine-tune", f"{name}, learning rate {rate:g}", f"the budget ended after fold {k + 1}")
                 break
         else:
             settings = dict(self.settings, depth=name, trainable_layers=tuner.trainable, learning_rate=rate)
