@@ -19,9 +19,9 @@ ARCHS = ["scratch", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", 
 # --out, --name and --model-version apply to all of them.
 TRAIN_OPTIONS: dict[str, set[str]] = {
     "train images": {  # on a backbone: its settings are chosen by validation; the input is RGB
-        "arch", "weights", "image_size", "fine_tune_epochs", "fine_tune_layers", "batch_size", "seed", "val_split",
-        "test_split", "augment", "no_augment", "no_class_weights", "tensorboard", "quantize", "min_agreement",
-        "time_budget",
+        "arch", "weights", "image_size", "fine_tune_epochs", "fine_tune_layers", "fine_tune_learning_rate",
+        "batch_size", "seed", "val_split", "test_split", "augment", "no_augment", "no_class_weights", "tensorboard",
+        "quantize", "min_agreement", "time_budget",
     },
     "train images --arch scratch": {
         "arch", "image_size", "color_mode", "epochs", "batch_size", "learning_rate", "seed", "val_split",
@@ -39,6 +39,17 @@ TRAIN_OPTIONS: dict[str, set[str]] = {
         "time_budget",
     },
 }  # fmt: skip
+
+
+def _positive(text: str) -> float:
+    """A rate or a budget: a finite number above 0 (argparse names the option in its error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number above 0")
+    return value
 
 
 def _training(args: argparse.Namespace) -> str:
@@ -104,6 +115,7 @@ def _train(args: argparse.Namespace) -> int:
                 color_mode=args.color_mode,
                 fine_tune_epochs=args.fine_tune_epochs,
                 fine_tune_layers=args.fine_tune_layers,
+                fine_tune_learning_rate=args.fine_tune_learning_rate,
                 time_budget=args.time_budget,
             ),
             **classifier,
@@ -318,13 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     images.add_argument("--fine-tune-epochs", type=int, help="at most this many fine-tuning epochs (default 15)")
     images.add_argument(
+        "--fine-tune-learning-rate",
+        type=_positive,
+        help="peak learning rate of fine-tuning (default: 1e-5 or 1e-4, chosen by validation)",
+    )
+    images.add_argument(
         "--time-budget",
-        type=float,
+        type=_positive,
         help="seconds for the whole run on this machine: backbones plan the settings they try to fit it and "
         "the scratch CNN ends its epochs in time (default 600); sensors choose and fit the anomaly detector "
         "within it (default 300)",
     )
-    images.add_argument("--learning-rate", type=float, help="head/scratch/1-D CNN/autoencoder learning rate (1e-3)")
+    images.add_argument("--learning-rate", type=_positive, help="head/scratch/1-D CNN/autoencoder learning rate (1e-3)")
     images.add_argument(
         "--augment",
         help="auto (default: flips, kept for backbones when validation agrees), none, or a list of "

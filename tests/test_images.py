@@ -220,7 +220,8 @@ def test_transfer_learning_selects_by_validation_within_budget(parts, tmp_path):
         [
             sys.executable, "-m", "plcsense", "train", "images", str(parts),
             "--arch", "mobilenet_v2", "--weights", "none", "--image-size", "32", "--fine-tune-epochs", "2",
-            "--time-budget", "240", "--tensorboard", str(tmp_path / "tb"), "--quantize", "float16",
+            "--fine-tune-learning-rate", "1e-5", "--time-budget", "240", "--tensorboard", str(tmp_path / "tb"),
+            "--quantize", "float16",
             "--min-agreement", "0", "--out", str(out),
         ],
         capture_output=True,

@@ -252,6 +252,7 @@ def test_skab_anomaly_free_trains(tmp_path):
         (["images", "parts", "--epochs", "5"], "--epochs does not apply to train images (it takes"),  # a backbone
         (["images", "parts", "--arch", "scratch", "--weights", "w.h5"], "--weights does not apply to train images"),
         (["sensors", "s.csv", "--fine-tune-layers", "0"], "--fine-tune-layers does not apply"),  # 0 is given too
+        (["images", "parts", "--arch", "scratch", "--fine-tune-learning-rate", "1e-4"], "--fine-tune-learning-rate"),
     ],
 )
 def test_train_refuses_options_the_chosen_training_ignores(tmp_path, args, refused):
@@ -259,6 +260,15 @@ def test_train_refuses_options_the_chosen_training_ignores(tmp_path, args, refus
     proc = plcsense("train", *args, "--out", str(tmp_path / "b"), timeout=60)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith(f"plcsense: {refused}") and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    "option, value", [("--fine-tune-learning-rate", "0"), ("--learning-rate", "-0.001"), ("--time-budget", "nan")]
+)
+def test_rates_and_budgets_must_be_numbers_above_zero(tmp_path, option, value):
+    proc = plcsense("train", "images", "parts", option, value, "--out", str(tmp_path / "b"), timeout=60)
+    assert proc.returncode == 2 and f"argument {option}: {value} is not a number above 0" in proc.stderr
     assert not (tmp_path / "b").exists()
 
 
