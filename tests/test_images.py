@@ -401,6 +401,40 @@ def test_every_resolution_chooses_its_own_probe_settings(tmp_path):
         assert {t["weighting"] for t in here} == set(WEIGHTINGS), side
 
 
+def test_the_photos_own_resolution_is_chosen_within_one_standard_error(tmp_path, monkeypatch):
+    """Photos larger than the backbone's 224 px: their own size is chosen although 224 px's probe validated
+    slightly better (within one standard error), and the export takes photos at that size."""
+    from plcsense.training import transfer
+
+    root = tmp_path / "photos"
+    write_image_folder(root, per_class=12, size=288)
+    probe_trial = transfer.probe_trial
+
+    def own_size_a_little_worse(*args, **kwargs):
+        trial = probe_trial(*args, **kwargs)
+        trial.accuracy = 0.80 if trial.settings["resolution"] == 224 else 0.75  # 36 photos: one SE is 0.067
+        return trial
+
+    monkeypatch.setattr(transfer, "probe_trial", own_size_a_little_worse)
+    cfg = ImageTrainConfig(arch="mobilenet_v2", weights=None, fine_tune_layers=0, augment=None, time_budget=240)
+    bundle = train_images(root, tmp_path / "b", cfg)
+    selection = json.loads((tmp_path / "b" / "report" / "selection.json").read_text())
+    assert {t["resolution"] for t in selection["trials"]} == {224, 288}
+    spec = bundle.manifest.input
+    assert selection["chosen"]["resolution"] == 288 and (spec.height, spec.width) == (288, 288)
+    assert "within one standard error of 224 px's 0.8000" in selection["resolution"]
+
+
+def test_a_resolution_more_than_one_standard_error_worse_is_not_chosen():
+    from plcsense.training.image_select import Trial
+    from plcsense.training.transfer import keeps_detail
+
+    best = Trial("frozen", {"resolution": 224}, 0.731, 0.7, 1.0)
+    assert keeps_detail(Trial("frozen", {"resolution": 320}, 0.710, 0.8, 1.0), best, 379)  # SE 0.023
+    assert not keeps_detail(Trial("frozen", {"resolution": 320}, 0.700, 0.8, 1.0), best, 379)
+    assert not keeps_detail(Trial("frozen", {"resolution": 320}, 0.99, 0.1, 1.0), Trial("frozen", {}, 1.0, 0.0, 1), 50)
+
+
 def test_a_photo_unreadable_at_the_second_resolution_skips_it(tmp_path, monkeypatch):
     """Rows of the second resolution's features must line up with the labels: a photo that can no longer be read
     (replaced during the run) skips that resolution instead of shifting every photo after it."""
