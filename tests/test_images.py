@@ -94,6 +94,21 @@ def test_the_tap_tells_apart_cuts_of_the_same_shape():
     np.testing.assert_allclose(got_a, want_a, rtol=0.02, atol=0.02)
 
 
+def test_the_tap_sizes_its_caches_before_running():
+    """The memory check before a resolution is loaded must match what the caches then take, at odd sizes too."""
+    from plcsense.models.backbones import build_backbone
+    from plcsense.training.image_select import Tap
+    from plcsense.training.transfer import depths
+
+    backbone = build_backbone("mobilenet_v2", (None, None, 3), None)
+    tap = Tap("mobilenet_v2", backbone, [c for c in depths(backbone, None, 1).values() if c])
+    for side in (32, 100, 224):
+        photos = np.zeros((2, side, side, 3), np.uint8)
+        pooled, acts = tap.run(photos)
+        assert len(acts) == 2
+        assert 2 * tap.bytes_per_photo(side) == photos.nbytes + pooled.nbytes + sum(a.nbytes for a in acts), side
+
+
 def test_fine_tuning_is_scored_at_one_epoch_count_for_every_fold():
     """Each fold at its own best epoch would score this depth 0.9 (a lucky epoch per fold) against a probe start of
     0.8; at any one epoch count the folds average at most 0.8, and the refit's epoch count is that one."""
@@ -466,13 +481,27 @@ def test_caches_that_would_not_fit_in_memory_are_skipped_with_the_reason(tmp_pat
 
     root = tmp_path / "photos"
     write_image_folder(root, per_class=12, size=24)
-    monkeypatch.setattr(memory, "available_bytes", lambda: 1_000_000)  # 1 MB: nothing more fits
+    free = iter([1 << 40])  # the first resolution fits, then 1 MB: nothing more does
+    monkeypatch.setattr(memory, "available_bytes", lambda: next(free, 1_000_000))
     cfg = ImageTrainConfig(arch="mobilenet_v2", weights=None, fine_tune_layers=0, time_budget=240)
     train_images(root, tmp_path / "b", cfg)
     selection = json.loads((tmp_path / "b" / "report" / "selection.json").read_text())
     assert {t["resolution"] for t in selection["trials"]} == {32}
     reasons = {s["candidate"]: s["reason"] for s in selection["skipped"]}
     assert "GB of memory available" in reasons["224 px"] and "GB of memory available" in reasons["flips"]
+
+
+def test_photos_whose_first_resolution_would_not_fit_in_memory_are_refused_with_what_to_do(tmp_path, monkeypatch):
+    """Sized before a photo is loaded: a run that cannot hold its first resolution's caches says so and how to
+    train anyway, instead of being killed by the kernel part way through."""
+    from plcsense.training import memory
+
+    root = tmp_path / "photos"
+    write_image_folder(root, per_class=12, size=24)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 100_000)
+    cfg = ImageTrainConfig(arch="mobilenet_v2", weights=None, time_budget=240)
+    with pytest.raises(DataError, match=r"36 photos at 32 px: .* GB of memory available; .*--fine-tune-layers 0"):
+        train_images(root, tmp_path / "b", cfg)
 
 
 def test_available_memory_is_the_machine_s_capped_by_a_container_limit(tmp_path):

@@ -125,6 +125,15 @@ class Tap:
             matched.append(min(same, key=lambda i: float(np.max(np.abs(got[i] - want)))))
         return matched
 
+    def bytes_per_photo(self, side: int) -> int:
+        """What one photo at ``side`` px takes in the caches: its pixels (uint8), pooled features (float32) and the
+        cuts' activations (float16); measured on one blank photo, since backbones round odd sizes differently."""
+        self._interpreter.resize_tensor_input(self._input, (1, side, side, 3))
+        self._interpreter.allocate_tensors()
+        outputs = self._interpreter.get_output_details()
+        size = {o["index"]: int(np.prod(o["shape"])) for o in outputs}
+        return side * side * 3 + 4 * size[self._pooled] + 2 * sum(size[a] for a in self._acts)
+
     def run(self, pixels: np.ndarray, copy: int = 0, batch: int = 16) -> tuple[np.ndarray, list[np.ndarray]]:
         """Pooled features (n, 2c) float32 (mean, then max) and the cuts' activations (float16) of copy ``copy``."""
         started = time.perf_counter()

@@ -326,14 +326,19 @@ class BackboneRun:
         # weighting chosen on the features of a resolution that then loses by ten points is no choice for the winner
         plan = [("strength", STRENGTHS), ("pooling", POOLINGS), ("weighting", weightings)]
         base: dict[str, object] = {"pooling": "avg", "weighting": weightings[0]}
-        first_bytes = 0  # the first resolution's photos and activations, which a larger one scales up
         for i, side in enumerate(sides):
+            refused = too_big(len(self.pool.files) * self.tap.bytes_per_photo(side))
+            if not i and refused:
+                raise DataError(
+                    f"{len(self.pool.files)} photos at {side} px: their pixels and the frozen backbone's activations "
+                    f"{refused}; train on fewer photos, on a machine with more memory, or with --fine-tune-layers 0 "
+                    "(no activations kept)"
+                )
             if i:
                 cost = self._extract_seconds(side) * 1.5
                 if cost > 0.3 * clock.remaining:
                     self.selection.skip("frozen", f"{side} px", f"~{cost:.0f} s of the {clock.remaining:.0f} s left")
                     continue
-                refused = too_big(int(first_bytes * (side / sides[0]) ** 2))
                 if refused:
                     self.selection.skip("frozen", f"{side} px", f"its photos and activations {refused}")
                     continue
@@ -347,8 +352,6 @@ class BackboneRun:
                 self.selection.skip("frozen", f"{side} px", "a photo could no longer be read (changed during the run?)")
                 continue
             pooled, acts = self.tap.run(pixels)
-            if not i:
-                first_bytes = pixels.nbytes + pooled.nbytes + sum(a.nbytes for a in acts)
             clock.progress("frozen", "%d px features (%.0f photos/s at 224 px)", side, self.tap.rate)
             tried: set[frozenset] = set()
             for name, values in plan:
