@@ -247,6 +247,35 @@ def test_worker_serves_sparkplug_readings(broker, sensor_bundle, run_worker, col
     assert settled(worker) == 0
 
 
+def test_milliseconds_since_boot_keep_their_unit(broker, sensor_bundle, run_worker, collectors) -> None:
+    """A controller without a synchronised clock stamps milliseconds since boot. Sparkplug fixes the unit, so one
+    second between readings is one second, not 1000 s that `max_gap_s` would take for a stoppage every reading."""
+    from tests.conftest import WINDOW, Collector, publish_all
+    from tests.test_worker import readings
+
+    route = {
+        "name": "spb", "topic": "spBv1.0/plant1/+/edge1/#", "model": str(sensor_bundle), "encoding": "sparkplug",
+        "max_gap_s": 5,
+    }  # fmt: skip
+    run_worker(broker, [route])
+    out = Collector(broker, "spBv1.0/plant1/+/edge1/#")
+    collectors.append(out)
+    names = ["vibration", "current", "pressure"]
+    boot = 90_000  # 90 s after power-on
+    payloads = [
+        spb.DData(
+            timestamp=boot + 1000 * i,
+            seq=i,
+            metrics=tuple(metric(n, DT.DOUBLE, v) for n, v in zip(names, row, strict=True)),
+        ).encode()
+        for i, row in enumerate(readings(WINDOW + 1))
+    ]
+    publish_all(broker, "spBv1.0/plant1/DDATA/edge1/pump7", payloads)
+    results = out.wait_for(2, "/result")
+    assert [r["id"] for r in results] == [str(WINDOW - 1), str(WINDOW)]
+    assert results[0]["ts"] == boot + 1000 * (WINDOW - 1)  # the result echoes the reading's own stamp
+
+
 def test_a_new_model_version_keeps_the_devices_aliases(tmp_path, sensor_bundle) -> None:
     """Aliases are learnt from a device's DBIRTH; a hot swap to a new version must keep them, or every alias-only
     DDATA after it would be refused until the device happened to rebirth."""

@@ -482,7 +482,9 @@ class Pipeline:
                 shape = list(serving.bundle.manifest.input.shape)
                 raise InputError(ErrorCode.BAD_SHAPE, f"route takes whole windows of shape {shape} (full_windows)")
             device = decoded.device or inbound.topic
-            pushed = windows.push(device, decoded.array, reading_time(decoded.ts))
+            pushed = windows.push(
+                device, decoded.array, decoded.seconds if decoded.seconds is not None else reading_time(decoded.ts)
+            )
             if device in serving.stale_devices:
                 serving.stale_devices.discard(device)
                 raise InputError(

@@ -26,6 +26,9 @@ class Decoded:
     is_reading: bool = False
     device: str | None = None
     """The window this reading belongs to, when the encoding names devices itself (Sparkplug); else the topic."""
+    seconds: float | None = None
+    """The reading's time in seconds, when the encoding fixes the unit of ``ts`` (Sparkplug: milliseconds); else
+    windows guess it from ``ts``'s size, which mistakes a controller's milliseconds since boot for seconds."""
 
 
 @dataclass(slots=True)

@@ -42,7 +42,9 @@ class SparkplugDecoder(Decoder):
         reading = self.aliases.decode(parsed, payload)
         msg_id = None if reading.seq is None else str(reading.seq)
         try:
-            decoded = Decoded(as_tensor(reading.metrics, self.spec), msg_id, reading.timestamp_ms, device=device)
+            ms = reading.timestamp_ms
+            seconds = None if ms is None else ms / 1000
+            decoded = Decoded(as_tensor(reading.metrics, self.spec), msg_id, ms, device=device, seconds=seconds)
             return checked(decoded, self.spec)
         except InputError as exc:
             exc.id = msg_id
