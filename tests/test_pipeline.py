@@ -279,11 +279,18 @@ def test_control_replies_and_lost_qos0_answers_leave_no_bookkeeping_behind(broke
             transport._unacked += 1  # taken (settle() would count it answered once it had published)
         route = worker.pipeline.routes[0]
         queued = Inbound("plant/d1/pump", b"{}", delivery=Delivery(1, 0, 1, "pump"), route=route)
-        transport._track(60_000, queued)
+        epoch = transport._answers_epoch
+        transport._track(60_000, queued, epoch)
         broker.restart()
         assert _until(lambda: transport._unacked == 0 and not transport._pending, timeout=20)
         dropped = {"route": "pump", "reason": "connection_lost"}
         assert worker.metrics.registry.get_sample_value("plcsense_answers_dropped_total", dropped) == 1
+        # one published before that disconnect but tracked after its sweep: no on_publish will come for it either
+        with transport._lock:
+            transport._unacked += 1
+        transport._track(60_001, queued, epoch)
+        assert transport._unacked == 0 and not transport._pending
+        assert worker.metrics.registry.get_sample_value("plcsense_answers_dropped_total", dropped) == 2
     finally:
         worker.stop(timeout=5)
 

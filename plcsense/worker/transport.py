@@ -183,6 +183,7 @@ class Transport:
         metrics.inflight.set_function(lambda: self._unacked)  # read at scrape time, not set twice per input
         self._working: dict[str, int] = {}  # per route: inputs received and not yet answered
         self._pending: dict[int, Inbound] = {}  # outgoing publish mid -> the input it answers
+        self._answers_epoch = 0  # disconnects of the answers connection so far: see _track
         self._early_acks: set[int] = set()  # PUBACKs that beat the bookkeeping after publish()
         self._unowed: set[int] = set()  # mids of our publishes that answer no input (control replies)
         self._refused: set[mqtt.Client] = set()  # clients whose last CONNACK refused them
@@ -546,6 +547,7 @@ class Transport:
         if answer.correlation is not None:
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = answer.correlation
+        epoch = self._answers_epoch
         try:
             info = self.answers.publish(answer.topic, answer.body, qos=answer.qos, properties=props)
         except (ValueError, TypeError) as exc:  # e.g. a response topic with wildcards: it can never be answered
@@ -557,19 +559,29 @@ class Transport:
             self._dropped(inbound, "not_queued", f"publish to {answer.topic} failed ({mqtt.error_string(info.rc)})")
             self._abandon()
             return
-        self._track(info.mid, inbound)
+        self._track(info.mid, inbound, epoch)
 
     def _dropped(self, inbound: Inbound, reason: str, detail: str) -> None:
         self.metrics.answers_dropped.labels(inbound.delivery.route, reason).inc()
         self._warnings.log(logging.ERROR, f"drop:{reason}", "answer for %s not delivered: %s", inbound.topic, detail)
 
-    def _track(self, mid: int, inbound: Inbound) -> None:
-        """Remember which input an outgoing answer is for, unless its PUBACK came first."""
+    def _track(self, mid: int, inbound: Inbound, epoch: int) -> None:
+        """Remember which input an outgoing answer is for, unless its PUBACK came first. ``epoch`` is the answers
+        connection's at the publish: a QoS 0 answer that the connection took with it between the publish and here
+        missed ``_lost_at_disconnect``'s sweep, and no on_publish will come for it."""
         with self._lock:
-            if mid not in self._early_acks:
+            if mid in self._early_acks:
+                self._early_acks.discard(mid)
+                lost = False
+            elif inbound.route.settings.qos == 0 and epoch != self._answers_epoch:
+                lost = True
+            else:
                 self._pending[mid] = inbound
                 return
-            self._early_acks.discard(mid)
+        if lost:
+            self._dropped(inbound, "connection_lost", "a QoS 0 answer was still queued when the connection went")
+            self._abandon()
+            return
         self._finish(inbound)
 
     def _owes_nothing(self, mid: int) -> None:
@@ -586,6 +598,7 @@ class Transport:
         """paho drops QoS 0 answers still queued when the answers connection goes, without an on_publish: release
         their inputs (QoS 0 too, so nothing is redelivered) or they would hold flow-control room for good."""
         with self._lock:
+            self._answers_epoch += 1
             # an answer goes out at its route's QoS (pipeline.result / error)
             lost = [self._pending.pop(mid) for mid, i in list(self._pending.items()) if i.route.settings.qos == 0]
         for inbound in lost:
