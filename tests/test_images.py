@@ -450,6 +450,21 @@ def test_a_resolution_more_than_one_standard_error_worse_is_not_chosen():
     assert not keeps_detail(Trial("frozen", {"resolution": 320}, 0.99, 0.1, 1.0), Trial("frozen", {}, 1.0, 0.0, 1), 50)
 
 
+def test_an_earlier_fine_tuning_trial_keeps_a_tie_in_accuracy():
+    """At saturated validation accuracy the loss ranks confidence, not generalisation: between fine-tuning trials a
+    tie keeps the earlier (shallower, smaller rate) one; against the frozen probe, and on accuracy, nothing changes."""
+    from plcsense.training.image_select import Trial
+    from plcsense.training.transfer import Selection
+
+    probe = Trial("augment", {}, 1.0, 0.0058, 1.0)
+    top = Trial("fine-tune", {"depth": "top", "learning_rate": 1e-5}, 1.0, 0.0005, 1.0)
+    half = Trial("fine-tune", {"depth": "half", "learning_rate": 1e-4}, 1.0, 0.0001, 1.0)
+    assert Selection.better(top, probe) and not Selection.better(half, top)
+    assert Selection.better(half, probe)  # the probe still loses a tie on loss
+    assert not Selection.better(Trial("fine-tune", {}, 1.0, 0.01, 1.0), probe)
+    assert Selection.better(Trial("fine-tune", {}, 0.9, 0.3, 1.0), Trial("fine-tune", {}, 0.89, 0.1, 1.0))
+
+
 def test_a_photo_unreadable_at_the_second_resolution_skips_it(tmp_path, monkeypatch):
     """Rows of the second resolution's features must line up with the labels: a photo that can no longer be read
     (replaced during the run) skips that resolution instead of shifting every photo after it."""
