@@ -308,6 +308,7 @@ def train_with_fine_tuning_winning(
 
     monkeypatch.setattr(image_select.FineTuner, "fit", fit_and_keep)
     monkeypatch.setattr(transfer, "common_epoch", lambda results: (1, *image_select.common_epoch(results)[1:]))
+    monkeypatch.setattr(transfer.Selection, "better", staticmethod(lambda new, old: new.key() > old.key()))
     monkeypatch.setattr(  # fine-tuning wins
         image_select.Trial,
         "key",
