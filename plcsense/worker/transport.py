@@ -547,13 +547,15 @@ class Transport:
         if answer.correlation is not None:
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = answer.correlation
-        epoch = self._answers_epoch
         try:
             info = self.answers.publish(answer.topic, answer.body, qos=answer.qos, properties=props)
         except (ValueError, TypeError) as exc:  # e.g. a response topic with wildcards: it can never be answered
             self._dropped(inbound, "bad_topic", f"cannot publish to {answer.topic!r} ({exc})")
             self._finish(inbound)
             return
+        # read after the publish: a connection that went and came back before it must not count as lost (its
+        # on_publish would then be kept as an early ack); one that goes from here on is seen in _track
+        epoch = self._answers_epoch
         queued = info.rc == mqtt.MQTT_ERR_SUCCESS or (info.rc == mqtt.MQTT_ERR_NO_CONN and answer.qos > 0)
         if not queued:  # paho did not keep it (QoS 0 while offline): the broker redelivers a QoS 1 input
             self._dropped(inbound, "not_queued", f"publish to {answer.topic} failed ({mqtt.error_string(info.rc)})")
