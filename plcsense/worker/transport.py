@@ -581,10 +581,9 @@ class Transport:
                 self._pending[mid] = inbound
                 return
         if lost:
-            self._dropped(inbound, "connection_lost", "a QoS 0 answer was still queued when the connection went")
-            self._abandon()
-            return
-        self._finish(inbound)
+            self._lost(inbound)
+        else:
+            self._finish(inbound)
 
     def _owes_nothing(self, mid: int) -> None:
         """A publish that answers no input: its PUBACK must not be kept as an early one, or once packet ids wrap
@@ -604,8 +603,12 @@ class Transport:
             # an answer goes out at its route's QoS (pipeline.result / error)
             lost = [self._pending.pop(mid) for mid, i in list(self._pending.items()) if i.route.settings.qos == 0]
         for inbound in lost:
-            self._dropped(inbound, "connection_lost", "a QoS 0 answer was still queued when the connection went")
-            self._abandon()
+            self._lost(inbound)
+
+    def _lost(self, inbound: Inbound) -> None:
+        """Its QoS 0 answer went with the answers connection: counted, and the input let go."""
+        self._dropped(inbound, "connection_lost", "a QoS 0 answer was still queued when the connection went")
+        self._abandon()
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         with self._lock:
