@@ -6,6 +6,7 @@
     .venv/bin/python bench/skab.py ../shared/data/skab --via-mqtt [--url mqtt://host:1883]
     .venv/bin/python bench/skab.py ../shared/data/skab --baselines      # the published detectors, recomputed
     .venv/bin/python bench/skab.py ../shared/data/skab --shifts         # sustained shifts of faults and pieces
+    .venv/bin/python bench/skab.py ../shared/data/skab --separability   # pieces a supervised classifier calls faults
 
 Protocol (Katser & Kozitsin, SKAB): every CSV file on its own; its first 400 rows are the training part (normal
 operation) and the rest the test part; the detector is chosen, fitted and its threshold set on the training part
@@ -486,17 +487,27 @@ def score_baselines(data_dir: Path, files: list[LabelledFile], train_rows: int =
 
 
 # ----------------------------------------------------------------------------- what the data holds
+def standardised(f: LabelledFile, train_rows: int) -> np.ndarray:
+    """Every row of ``f`` in its training part's standard deviations from the training part's mean."""
+    train = f.values[:train_rows]
+    return (f.values - train.mean(axis=0)) / np.where(train.std(axis=0) > 0, train.std(axis=0), 1.0)
+
+
+def trailing_means(z: np.ndarray, span: int) -> np.ndarray:
+    """(n, C) -> (n - span + 1, C): the mean of each run of ``span`` consecutive rows."""
+    cumulative = np.concatenate([np.zeros((1, z.shape[1])), np.cumsum(z, axis=0)])
+    return (cumulative[span:] - cumulative[:-span]) / span
+
+
 def sustained_shifts(f: LabelledFile, train_rows: int = 400, span: int = 50) -> dict[str, float]:
     """Per channel, the ``span``-row mean of the test part farthest from the training part's mean, in the
     training part's standard deviations; a labelled file's rows are those labelled anomalous."""
-    train = f.values[:train_rows]
-    z = (f.values[train_rows:] - train.mean(axis=0)) / np.where(train.std(axis=0) > 0, train.std(axis=0), 1.0)
+    z = standardised(f, train_rows)[train_rows:]
     if f.labels.any():
         z = z[f.labels[train_rows:]]
     if len(z) < span:
         return {}
-    cumulative = np.concatenate([np.zeros((1, z.shape[1])), np.cumsum(z, axis=0)])
-    means = (cumulative[span:] - cumulative[:-span]) / span
+    means = trailing_means(z, span)
     extreme = means[np.abs(means).argmax(axis=0), np.arange(z.shape[1])]
     return {c: round(float(v), 1) for c, v in zip(f.columns, extreme, strict=True)}
 
@@ -510,6 +521,37 @@ def shift_table(files: list[LabelledFile], pieces: list[LabelledFile], train_row
         "labelled_faults": faults,
         "anomaly_free_pieces": {p.key: sustained_shifts(p, train_rows) for p in pieces},
     }
+
+
+def fault_like_rows(f: LabelledFile, train_rows: int, span: int = 20) -> np.ndarray:
+    """A supervised classifier's view of each test row: its readings and their trailing ``span``-row means, in
+    the training part's standard deviations (the per-file standardisation the detector does too)."""
+    z = standardised(f, train_rows)
+    means = np.zeros_like(z)
+    means[span - 1 :] = trailing_means(z, span)
+    return np.hstack([z, means])[train_rows:]
+
+
+def separability(files: list[LabelledFile], pieces: list[LabelledFile], train_rows: int) -> dict[str, object]:
+    """An upper bound no label-free detector can pass (``--separability``): gradient-boosted trees trained *with
+    the labels* of one folder's faults (or of all of them), then asked about the other folder and the
+    anomaly-free pieces. The share of anomaly-free rows they call faults is the share that looks like a fault."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    folders = sorted({f.key.split("/")[0] for f in files})
+    plans = [(f"{a} -> {b}", [a], [b]) for a in folders for b in folders if a != b]
+    plans.append(("all folders, in sample", folders, folders))
+    out: dict[str, object] = {"features": "readings and their 20-row trailing means, in training-part sd"}
+    for name, train_on, report_on in plans:
+        fit = [f for f in files if f.key.split("/")[0] in train_on]
+        x = np.concatenate([fault_like_rows(f, train_rows) for f in fit])
+        y = np.concatenate([f.labels[train_rows:] for f in fit])
+        trees = HistGradientBoostingClassifier(random_state=0).fit(x, y)
+        judged = [f for f in files if f.key.split("/")[0] in report_on] + pieces
+        out[name] = summarise(
+            {f.key: (f.labels[train_rows:], trees.predict(fault_like_rows(f, train_rows))) for f in judged}
+        )
+    return out
 
 
 def settings_dict(settings: object) -> dict:
@@ -573,6 +615,11 @@ def main() -> None:
     parser.add_argument(
         "--shifts", action="store_true", help="only print each file's largest sustained shift per channel (in sd)"
     )
+    parser.add_argument(
+        "--separability",
+        action="store_true",
+        help="only print how many anomaly-free rows a classifier trained on the fault labels calls faults",
+    )
     args = parser.parse_args()
     if bool(args.tune_on) != bool(args.report_on):
         parser.error("--tune-on and --report-on go together")
@@ -589,6 +636,10 @@ def main() -> None:
     if args.shifts:
         pieces = load_anomaly_free_pieces(args.data_dir, args.anomaly_free_pieces or 8)
         print(json.dumps(shift_table(files, pieces, args.train_rows), indent=1))
+        return
+    if args.separability:
+        pieces = load_anomaly_free_pieces(args.data_dir, args.anomaly_free_pieces or 8)
+        print(json.dumps(separability(files, pieces, args.train_rows), indent=1))
         return
     import_tensorflow_quietly()
     with tempfile.TemporaryDirectory(prefix="skab-") as tmp:
