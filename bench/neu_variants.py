@@ -117,6 +117,9 @@ PASTED: dict[str, Pasted] = {
     # dev: 4 imbalanced classes at 320 px, the rarest under 5 %, 56 px defects on rolled-in scale
     "pasted320": Pasted("rolled-in_scale", ("inclusion", "scratches", "patches"), (240, 90, 35, 14), (120, 45, 18, 7),
                         320, 56, 6),
+    # dev, stop 23: the same at the unseen set's size (a few thousand photos), to see what the time budget allows
+    "pasted320large": Pasted("rolled-in_scale", ("inclusion", "scratches", "patches"), (1400, 520, 200, 80),
+                             (350, 130, 50, 20), 320, 56, 7),
 }  # fmt: skip
 
 

@@ -466,6 +466,35 @@ def test_an_earlier_fine_tuning_trial_keeps_a_tie_in_accuracy():
     assert Selection.better(Trial("fine-tune", {}, 0.9, 0.3, 1.0), Trial("fine-tune", {}, 0.89, 0.1, 1.0))
 
 
+def test_what_the_time_budget_cut_short_is_said_with_what_to_do(caplog):
+    """A user whose budget ended the search early is told what was left out and which option tries it."""
+    from types import SimpleNamespace
+
+    from plcsense.training.clock import Clock
+    from plcsense.training.image_select import Folds, Trial
+    from plcsense.training.transfer import BackboneRun, Selection
+
+    selection = Selection(Clock(600), Folds([], "a 20 % validation part"))
+    selection.skip("frozen", "320 px", "its photos and activations would not fit", for_time=False)
+    run = SimpleNamespace(selection=selection, clock=selection.clock)
+    BackboneRun._say_what_time_cut_short(run)
+    assert "cut_short_by_time_budget" not in selection.notes and "time budget" not in caplog.text
+
+    top = {"depth": "top", "learning_rate": 1e-4}
+    selection.add(Trial("fine-tune", top, 0.9, 0.3, 58.0, {"epochs": 3, "stopped": ["time budget"]}))
+    selection.add(Trial("fine-tune", dict(top, learning_rate=1e-5), 0.8, 0.5, 97.0, {"epochs": 5, "stopped": []}))
+    selection.skip(
+        "fine-tune", "half, learning rate 0.0001", "3 epochs x 1 folds ~140 s, 43 s available", for_time=True
+    )
+    BackboneRun._say_what_time_cut_short(run)
+    cut = ["half, learning rate 0.0001 skipped", "top at 0.0001 stopped after 3 epochs"]
+    assert selection.notes["cut_short_by_time_budget"] == cut
+    assert "the time budget of 600 s cut the search short" in caplog.text and "--time-budget 1200" in caplog.text
+    assert json.loads(selection.report())["cut_short_by_time_budget"] == cut
+    selection.notes["refit"] = "no time to refit (~300 s): the best fold's model is exported"
+    assert selection.cut_short()[-1] == "the refit skipped"
+
+
 def test_a_photo_unreadable_at_the_second_resolution_skips_it(tmp_path, monkeypatch):
     """Rows of the second resolution's features must line up with the labels: a photo that can no longer be read
     (replaced during the run) skips that resolution instead of shifting every photo after it."""

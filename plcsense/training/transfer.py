@@ -228,9 +228,21 @@ class Selection:
             return False
         return new.key() > old.key()
 
-    def skip(self, stage: str, candidate: str, reason: str) -> None:
-        self.skipped.append({"stage": stage, "candidate": candidate, "reason": reason})
+    def skip(self, stage: str, candidate: str, reason: str, *, for_time: bool = False) -> None:
+        """Leave ``candidate`` out, saying why; ``for_time``: a larger time budget would have tried it."""
+        self.skipped.append({"stage": stage, "candidate": candidate, "reason": reason, "for_time": for_time})
         self.clock.progress(stage, "skipped %s: %s", candidate, reason)
+
+    def cut_short(self) -> list[str]:
+        """What the time budget left out or stopped before it had finished: candidates skipped for time,
+        fine-tuning trials whose epochs it ended and the refit on every photo."""
+        stopped = [
+            f"{t.settings['depth']} at {t.settings['learning_rate']:g} stopped after {t.extra['epochs']} epochs"
+            for t in self.trials
+            if "time budget" in t.extra.get("stopped", ())
+        ]
+        no_refit = ["the refit skipped"] if str(self.notes.get("refit", "")).startswith("no time") else []
+        return [f"{s['candidate']} skipped" for s in self.skipped if s["for_time"]] + stopped + no_refit
 
     def report(self) -> str:
         return json.dumps(
@@ -325,7 +337,19 @@ class BackboneRun:
                 if self.selection is None or self.selection.best is None:
                     raise
                 self._refit_probe(self.selection.best)
+        self._say_what_time_cut_short()
         return self._export(out, interrupted)
+
+    def _say_what_time_cut_short(self) -> None:
+        """A warning, and a note in ``selection.json``, when the time budget kept the search from trying
+        everything: on a few thousand photos larger than 224 px the default budget stops fine-tuning early."""
+        cut = self.selection.cut_short() if self.selection else []
+        if cut:
+            self.selection.notes["cut_short_by_time_budget"] = cut
+            log.warning(
+                "the time budget of %.0f s cut the search short (%s); --time-budget %.0f lets it try more",
+                self.clock.budget, "; ".join(cut), 2 * self.clock.budget,
+            )  # fmt: skip
 
     def _frozen(self, sides: list[int]) -> None:
         """Stage 1: resolution, pooling, class weighting and L2 strength, with a probe on frozen pooled features."""
@@ -350,7 +374,9 @@ class BackboneRun:
             if i:
                 cost = self._extract_seconds(side) * 1.5
                 if cost > 0.3 * clock.remaining:
-                    self.selection.skip("frozen", f"{side} px", f"~{cost:.0f} s of the {clock.remaining:.0f} s left")
+                    self.selection.skip(
+                        "frozen", f"{side} px", f"~{cost:.0f} s of the {clock.remaining:.0f} s left", for_time=True
+                    )
                     continue
                 if refused:
                     self.selection.skip("frozen", f"{side} px", f"its photos and activations {refused}")
@@ -405,7 +431,12 @@ class BackboneRun:
             return
         cost = (len(FLIPS) - 1) * self._extract_seconds(self.side)
         if cost > 0.35 * (clock.remaining - self._export_seconds()):
-            selection.skip("augment", "flips", f"copies would take ~{cost:.0f} s of the {clock.remaining:.0f} s left")
+            selection.skip(
+                "augment",
+                "flips",
+                f"copies would take ~{cost:.0f} s of the {clock.remaining:.0f} s left",
+                for_time=True,
+            )
             return
         refused = too_big((len(FLIPS) - 1) * (self.pooled[0].nbytes + sum(a.nbytes for a in self.acts[0])))
         if refused:
@@ -451,10 +482,11 @@ class BackboneRun:
                             "fine-tune",
                             candidate,
                             f"3 epochs x {len(folds)} folds ~{3 * epoch * len(folds):.0f} s, {budget:.0f} s available",
+                            for_time=True,
                         )
                         continue
                 if budget < 20:
-                    selection.skip("fine-tune", candidate, f"{budget:.0f} s available")
+                    selection.skip("fine-tune", candidate, f"{budget:.0f} s available", for_time=True)
                     continue
                 result = self._fine_tune_trial(name, cut, budget, rate)
                 if result is not None:
@@ -507,7 +539,12 @@ class BackboneRun:
             if k == 0:
                 curves = result.curves
             if clock.elapsed > started + budget and k + 1 < len(selection.folds.pairs):
-                selection.skip("fine-tune", f"{name}, learning rate {rate:g}", f"the budget ended after fold {k + 1}")
+                selection.skip(
+                    "fine-tune",
+                    f"{name}, learning rate {rate:g}",
+                    f"the budget ended after fold {k + 1}",
+                    for_time=True,
+                )
                 break
         else:
             settings = dict(self.settings, depth=name, trainable_layers=tuner.trainable, learning_rate=rate)
