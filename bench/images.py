@@ -114,7 +114,7 @@ def main() -> None:
         "--min-agreement", type=float, default=None, help="quantised export's required top-1 agreement (0: measure)"
     )
     parser.add_argument("--no-augment", action="store_true")
-    parser.add_argument("--time-budget", type=float, default=600.0)
+    parser.add_argument("--time-budget", type=float, help="seconds (default: the product's own)")
     parser.add_argument(
         "--variant", choices=sorted({**DEV, **HELD_BACK, **PASTED}), help="a harder NEU variant instead of NEU"
     )

@@ -1,7 +1,7 @@
 """Out-of-distribution acceptance: foreign photos pushed through a trained classifier come out ``unknown``, the
 classifier's own test photos do not.
 
-    .venv/bin/python bench/ood.py [--workdir .bench/ood] [--only digits|neu] [--time-budget 600]
+    .venv/bin/python bench/ood.py [--workdir .bench/ood] [--only digits|neu] [--time-budget S]
 
 Two pairs, each model trained with the product's code and defaults, every photo sent through the worker's own
 decode + LiteRT path (``plcsense.worker.decoders.decode``, then the bundle's model):
@@ -97,7 +97,7 @@ def digits_into_neu(workdir: Path) -> None:
     report("digits model <- NEU photos", bundle, *shares, (len(test), len(foreign)), accuracy, seconds)
 
 
-def neu_into_digits(workdir: Path, time_budget: float) -> None:
+def neu_into_digits(workdir: Path, time_budget: float | None) -> None:
     split_folder(NEU, workdir / "neu-split")
     out = workdir / "neu-mnv2"
     started = time.perf_counter()
@@ -116,7 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path(".bench/ood"))
     parser.add_argument("--only", choices=["digits", "neu"])
-    parser.add_argument("--time-budget", type=float, default=600.0, help="seconds for the NEU training run")
+    parser.add_argument("--time-budget", type=float, help="seconds for the NEU training run (default: the product's)")
     args = parser.parse_args()
     if not NEU.is_dir() or not WEIGHTS.is_file():
         raise SystemExit(f"bench/ood.py needs {NEU} and {WEIGHTS} (../shared, present in CI)")

@@ -466,6 +466,15 @@ def test_an_earlier_fine_tuning_trial_keeps_a_tie_in_accuracy():
     assert Selection.better(Trial("fine-tune", {}, 0.9, 0.3, 1.0), Trial("fine-tune", {}, 0.89, 0.1, 1.0))
 
 
+def test_the_default_time_budget_grows_with_the_photos_and_their_size():
+    """600 s for NEU's 1,440 training photos at 224 px, in proportion to photos x side^2 above, at most an hour."""
+    from plcsense.training.image_config import default_time_budget
+
+    assert default_time_budget(1440, 224) == default_time_budget(60, 448) == 600
+    assert default_time_budget(2200, 320) == pytest.approx(600 * 2200 * (320 / 224) ** 2 / 1500)
+    assert default_time_budget(3000, 224) == 1200 and default_time_budget(100_000, 448) == 3600
+
+
 def test_what_the_time_budget_cut_short_is_said_with_what_to_do(caplog):
     """A user whose budget ended the search early is told what was left out and which option tries it."""
     from types import SimpleNamespace
@@ -698,6 +707,8 @@ def test_neu_subsample_with_imagenet_weights(tmp_path):
         name="neu",
     )
     train_images(tmp_path, tmp_path / "b", cfg)
+    selection = json.loads((tmp_path / "b" / "report" / "selection.json").read_text())
+    assert selection["time_budget_s"] == 600  # no budget given: the default for 48 photos
     from plcsense.training.evaluate import evaluate
 
     scores = evaluate(load_bundle(tmp_path / "b"), tmp_path / "test")

@@ -32,7 +32,7 @@ from plcsense.training.data import (
     require_examples,
 )
 from plcsense.training.export import check_output_dir
-from plcsense.training.image_config import ImageTrainConfig
+from plcsense.training.image_config import DEFAULT_TIME_BUDGET, ImageTrainConfig
 from plcsense.training.splits import split_indices
 
 log = logging.getLogger("plcsense.training")
@@ -92,7 +92,7 @@ def train_images(data_dir: Path, out: Path, cfg: ImageTrainConfig) -> Bundle:
 def _train_scratch(data_dir: Path, out: Path, cfg: ImageTrainConfig) -> Bundle:
     """The small CNN from random weights: one recipe, fitted with augmentation and early stopping, ended early
     when ``time_budget`` would not allow another epoch and the export."""
-    clock = Clock(cfg.time_budget)
+    clock = Clock(cfg.time_budget or DEFAULT_TIME_BUDGET)
     cfg = replace(
         cfg,
         val_split=0.15 if cfg.val_split is None else cfg.val_split,

@@ -39,7 +39,7 @@ from plcsense.training.data import (
     detect_sample_bits,
     require_examples,
 )
-from plcsense.training.image_config import ImageTrainConfig
+from plcsense.training.image_config import DEFAULT_TIME_BUDGET, ImageTrainConfig, default_time_budget
 from plcsense.training.image_select import (
     DEPTHS,
     FLIPS,
@@ -267,7 +267,7 @@ class BackboneRun:
 
     def __init__(self, data_dir: Path, cfg: ImageTrainConfig) -> None:
         self.data_dir, self.cfg = data_dir, cfg
-        self.clock = Clock(cfg.time_budget)
+        self.clock = Clock(cfg.time_budget or DEFAULT_TIME_BUDGET)  # sized to the photos below when not given
         root = data_dir / "train" if (data_dir / "train").is_dir() else data_dir
         train, self.classes = list_photos(root)
         if len(self.classes) < 2:
@@ -292,6 +292,10 @@ class BackboneRun:
             )
         )
         require_examples(self.pool.labels, self.classes, root)
+        self.native = native_side(self.pool.files)
+        self.sides = resolutions(cfg.arch, self.native, cfg.image_size)
+        if cfg.time_budget is None:
+            self.clock.budget = default_time_budget(len(self.pool.files), max(self.sides))
         self.n_classes = len(self.classes)
         weights = None if cfg.weights in (None, "none") else cfg.weights
         self.backbone = build_backbone(cfg.arch, (None, None, 3), weights)
@@ -306,12 +310,11 @@ class BackboneRun:
     # ------------------------------------------------------------------------------------------------ stages
     def run(self, out: Path) -> Bundle:
         cfg, clock = self.cfg, self.clock
-        native = native_side(self.pool.files)
         self.bits = detect_sample_bits(self.pool.files)
-        sides = resolutions(cfg.arch, native, cfg.image_size)
         clock.progress(
-            "data", "%d classes, %d photos to learn from (median side %d px); resolutions to try %s",
-            self.n_classes, len(self.pool.files), native, sides,
+            "data", "%d classes, %d photos to learn from (median side %d px); resolutions to try %s; time budget "
+            "%.0f s%s", self.n_classes, len(self.pool.files), self.native, self.sides, clock.budget,
+            " (given)" if cfg.time_budget else " (the default for this many photos; --time-budget to change it)",
         )  # fmt: skip
         self.tap = Tap(cfg.arch, self.backbone, self.cuts)
         clock.progress("data", "frozen %s converted to LiteRT in %.0f s", cfg.arch, self.tap.convert_seconds)
@@ -326,7 +329,7 @@ class BackboneRun:
         """Photos the refit leaves out, to set the ood threshold on (see ``_refit``)."""
         interrupted = False
         try:
-            self._frozen(sides)
+            self._frozen(self.sides)
             self._augmentation()
             self._fine_tuning()
             self._refit()
