@@ -533,9 +533,10 @@ def fault_like_rows(f: LabelledFile, train_rows: int, span: int = 20) -> np.ndar
 
 
 def separability(files: list[LabelledFile], pieces: list[LabelledFile], train_rows: int) -> dict[str, object]:
-    """An upper bound no label-free detector can pass (``--separability``): gradient-boosted trees trained *with
-    the labels* of one folder's faults (or of all of them), then asked about the other folder and the
-    anomaly-free pieces. The share of anomaly-free rows they call faults is the share that looks like a fault."""
+    """How much of the anomaly-free recording looks like a fault (``--separability``): gradient-boosted trees
+    trained *with the labels* of one folder's faults (or of all of them), then asked about the other folder and the
+    anomaly-free pieces. A label-free detector that catches the faults cannot be expected to call fewer of those
+    rows faults than a classifier that was shown what the faults look like."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     folders = sorted({f.key.split("/")[0] for f in files})
