@@ -383,6 +383,43 @@ def test_a_learning_rate_is_dropped_only_when_it_validates_less_accurately():
     assert run_with((1e-5, 0.7310, 0.82)) == [1e-5, 1e-4]  # 1e-4 skipped for time: not lost
 
 
+def test_a_deeper_trial_leaves_the_best_so_far_the_time_for_its_refit():
+    """A deeper fine-tuning trial that then loses must not take the time the winner needs for its refit on every
+    photo (on 2,200 photos of 320 px the whole backbone's trial did, and the best fold's model shipped)."""
+    from types import SimpleNamespace
+
+    from plcsense.training.clock import Clock
+    from plcsense.training.image_select import Folds, Trial
+    from plcsense.training.transfer import BackboneRun, Selection
+
+    run = BackboneRun.__new__(BackboneRun)
+    run.clock = Clock(1000)
+    run.cfg = SimpleNamespace(fine_tune_learning_rate=1e-4, seed=42)
+    run.pool = SimpleNamespace(files=[f"{i}.png" for i in range(200)], labels=np.arange(200) % 2)
+    run.selection = Selection(run.clock, Folds([(np.arange(160), np.arange(160, 200))], "a 20 % part"))
+    run.selection.add(Trial("frozen", {}, 0.8, 0.5, 1.0))
+    run.depths = {"top": "cut_top", "half": "cut_half"}
+    run._export_seconds = lambda: 100.0
+    budgets: dict[str, float] = {}
+
+    def trial(name: str, cut: str, budget: float, rate: float) -> float:
+        budgets[name] = budget
+        if name == "top":  # wins: 15 epochs of 40 s on 160 photos, so 15 x 40 x 180 / 160 = 675 s to refit on 180
+            run.selection.add(Trial("fine-tune", {"depth": "top", "learning_rate": rate}, 0.95, 0.2, 600.0))
+            run.tuned = (cut, rate, 15, 40.0, None)
+        return 40.0
+
+    run._fine_tune_trial = trial
+    run._fine_tuning()
+    assert budgets["top"] == pytest.approx(900 * 160 / (160 + 200), abs=2)  # nothing won yet: the usual share
+    assert run._refit_seconds() == pytest.approx(675)
+    # half: 3 epochs of ~100 s would fit its share (400 s) but not the 225 s the winner's refit leaves
+    assert "half" not in budgets
+    (skipped,) = run.selection.skipped
+    assert skipped["candidate"] == "half" and "kept to refit the best so far" in skipped["reason"]
+    assert skipped["for_time"]
+
+
 def test_resolutions_tried_keep_the_detail_of_larger_photos():
     from plcsense.training.transfer import resolutions
 

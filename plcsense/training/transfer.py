@@ -477,19 +477,24 @@ class BackboneRun:
                 candidate = name if len(rates) == 1 else f"{name}, learning rate {rate:g}"
                 available = clock.remaining - self._export_seconds()
                 share = len(folds) * n_fold / (len(folds) * n_fold + len(self.pool.files))
-                budget = available * share
+                # the trial leaves its own refit a share, and the best so far its refit in full: a deeper trial
+                # that loses must not take the time the winner needs to learn from every photo
+                reserve = self._refit_seconds()
+                budget = min(available * share, available - reserve)
+                kept = f" (~{reserve:.0f} s kept to refit the best so far)" if reserve else ""
                 if previous:
                     epoch = previous[1] * DEPTH_COST.get(name, 1.0) / DEPTH_COST.get(previous[0], 1.0)
                     if 3 * epoch * len(folds) > budget:
                         selection.skip(
                             "fine-tune",
                             candidate,
-                            f"3 epochs x {len(folds)} folds ~{3 * epoch * len(folds):.0f} s, {budget:.0f} s available",
+                            f"3 epochs x {len(folds)} folds ~{3 * epoch * len(folds):.0f} s, {budget:.0f} s available"
+                            + kept,
                             for_time=True,
                         )
                         continue
                 if budget < 20:
-                    selection.skip("fine-tune", candidate, f"{budget:.0f} s available", for_time=True)
+                    selection.skip("fine-tune", candidate, f"{budget:.0f} s available{kept}", for_time=True)
                     continue
                 result = self._fine_tune_trial(name, cut, budget, rate)
                 if result is not None:
@@ -569,7 +574,7 @@ class BackboneRun:
         best = self.selection.best
         if best.stage != "fine-tune":
             return
-        cut, rate, epochs, epoch_seconds, best_fold = self.tuned
+        cut, rate, epochs, _, best_fold = self.tuned
         if epochs == 0:
             self.selection.notes["refit"] = "fine-tuning never beat its starting point: the frozen probe is exported"
             return
@@ -578,8 +583,7 @@ class BackboneRun:
         calibration = calibration_part(self.pool.labels, self.cfg.seed)
         everything = np.setdiff1d(np.arange(len(self.pool.files)), calibration)
         self._set_head(tuner, everything)
-        n_fold = np.mean([len(t) for t, _ in self.selection.folds.pairs])
-        cost = epochs * epoch_seconds * len(everything) / n_fold
+        cost = self._refit_seconds()
         if cost > self.clock.remaining - self._export_seconds():
             if best_fold is None:  # no fold's model beat its own start: there is none to export
                 self.selection.notes["refit"] = f"no time to refit (~{cost:.0f} s): the frozen probe is exported"
@@ -610,6 +614,15 @@ class BackboneRun:
             )
             self.calibration = calibration if len(calibration) else None
         self._ready_now(best)
+
+    def _refit_seconds(self) -> float:
+        """What refitting the best fine-tuning trial so far on every photo (less the ood part) would take; nothing
+        while a frozen probe leads (its refit takes a second)."""
+        if self.selection.best is None or self.selection.best.stage != "fine-tune":
+            return 0.0
+        _, _, epochs, epoch_seconds, _ = self.tuned
+        photos = len(self.pool.files) - len(calibration_part(self.pool.labels, self.cfg.seed))
+        return epochs * epoch_seconds * photos / np.mean([len(t) for t, _ in self.selection.folds.pairs])
 
     def _restore(self, tuner: FineTuner, fold: BestFold) -> None:
         """The best fold's network instead of a refit; its validation photos, which it never learnt, set its ood
