@@ -192,6 +192,10 @@ def depths(backbone: keras.Model, fine_tune_layers: int | None, fine_tune_epochs
     return {name: cut_near(backbone, fraction) if fraction else None for name, fraction in DEPTHS.items()}
 
 
+NO_TIME_TO_REFIT = "no time to refit"
+"""How ``selection.json``'s ``refit`` note starts when the budget left no time for it (``Selection.cut_short``)."""
+
+
 class Selection:
     """The trials of one run and the best so far; writes ``report/selection.json``."""
 
@@ -241,7 +245,7 @@ class Selection:
             for t in self.trials
             if "time budget" in t.extra.get("stopped", ())
         ]
-        no_refit = ["the refit skipped"] if str(self.notes.get("refit", "")).startswith("no time") else []
+        no_refit = ["the refit skipped"] if str(self.notes.get("refit", "")).startswith(NO_TIME_TO_REFIT) else []
         return [f"{s['candidate']} skipped" for s in self.skipped if s["for_time"]] + stopped + no_refit
 
     def report(self) -> str:
@@ -587,10 +591,10 @@ class BackboneRun:
         cost = self._refit_seconds()
         if cost > self.clock.remaining - self._export_seconds():
             if best_fold is None:  # no fold's model beat its own start: there is none to export
-                self.selection.notes["refit"] = f"no time to refit (~{cost:.0f} s): the frozen probe is exported"
+                self.selection.notes["refit"] = f"{NO_TIME_TO_REFIT} (~{cost:.0f} s): the frozen probe is exported"
                 return
             self._restore(tuner, best_fold)
-            self.selection.notes["refit"] = f"no time to refit (~{cost:.0f} s): the best fold's model is exported"
+            self.selection.notes["refit"] = f"{NO_TIME_TO_REFIT} (~{cost:.0f} s): the best fold's model is exported"
         else:
             self.clock.progress(
                 "refit", "%s on %d photos for %d epochs (%d kept out for the ood threshold)",
